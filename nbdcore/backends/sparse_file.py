@@ -1,0 +1,158 @@
+"""A raw image file served sparsely: holes found with SEEK_DATA/SEEK_HOLE, made with fallocate."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+
+from ..protocol.constants import State
+from ..protocol.transmission import Extent
+from .base import Capabilities
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+HOLE_FLAGS = int(State.HOLE | State.ZERO)
+ZERO_WRITE_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class SparseFile:
+    """Backend over one raw file; all connections share this object (and so its fd)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags)
+        self.size = os.fstat(self.fd).st_size
+        self._can_punch = True
+        self._can_zero_range = True
+        self._zero_lock = threading.Lock()  # shared buffer of zeroes for the slow path
+        writable = not read_only
+        self.caps = Capabilities(
+            can_write=writable,
+            can_flush=writable,
+            can_fua=writable,
+            can_trim=writable,
+            can_zero=writable,
+            can_fast_zero=writable,
+            can_cache=True,
+        )
+
+    def read_fd(self) -> int:
+        return self.fd
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, f"short read at {offset + len(data)}: image file is short")
+        return data
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        if length == 0:
+            return
+        if may_trim and self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                            offset, length, "_can_punch"):
+            return
+        if self._try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                               offset, length, "_can_zero_range"):
+            return
+        if fast:
+            raise OSError(errno.ENOTSUP, "zeroing this range would be as slow as writing it")
+        self._write_zeroes(offset, length)
+
+    def _try_fallocate(self, mode: int, offset: int, length: int, attr: str) -> bool:
+        if not getattr(self, attr):
+            return False
+        try:
+            fallocate(self.fd, mode, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                setattr(self, attr, False)
+                return False
+            raise
+        return True
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        zeroes = bytes(min(length, ZERO_WRITE_CHUNK))
+        while length:
+            n = min(length, len(zeroes))
+            self.pwrite(memoryview(zeroes)[:n], offset)
+            offset += n
+            length -= n
+
+    def trim(self, offset: int, length: int) -> None:
+        # A hint: where holes cannot be punched the data simply stays.
+        if length:
+            self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                offset, length, "_can_punch")
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[Extent]:
+        end = offset + length
+        pos = offset
+        out: list[Extent] = []
+        while pos < end and (not limit or len(out) < limit):
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                out += self._tail_extents(pos, end)
+                break
+            if data > pos:
+                stop = min(data, end)
+                out.append(Extent(pos, stop - pos, HOLE_FLAGS))
+                pos = stop
+                continue
+            stop = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            out.append(Extent(pos, stop - pos, 0))
+            pos = stop
+        return out
+
+    def _tail_extents(self, pos: int, end: int) -> list[Extent]:
+        """No data from ``pos`` on: a trailing hole, unless the file was cut short.
+
+        Bytes past the end of a truncated file are reported as data so that reading them
+        fails with EIO instead of passing silently as zeroes.
+        """
+        file_size = os.fstat(self.fd).st_size
+        if file_size >= end:
+            return [Extent(pos, end - pos, HOLE_FLAGS)]
+        out = []
+        if file_size > pos:
+            out.append(Extent(pos, file_size - pos, HOLE_FLAGS))
+            pos = file_size
+        out.append(Extent(pos, end - pos, 0))
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

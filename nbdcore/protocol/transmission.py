@@ -1,0 +1,270 @@
+"""The transmission phase, sans-IO: request headers in, reply bytes out.
+
+Theory of operation
+-------------------
+After the handshake the I/O layer builds ``Transmission(negotiated)`` and, for every
+request header it has buffered (``header_size`` bytes), calls ``decode`` (framing only:
+a bad magic raises ``RemoteProtocolError`` and the connection must close), then
+``payload_length`` (the bytes that follow the header and must be consumed whatever
+happens), then ``validate`` (policy: flags, ranges, read-only; raises a ``CommandError``
+whose errno is the answer). Replies are built here as bytes; bulk data (READ payloads)
+travels separately so the I/O layer can use ``sendfile``.
+
+Reply forms follow what every client on this machine accepts (qemu's server pattern):
+simple replies when nothing was negotiated; with structured replies a simple reply for
+non-READ successes and an ``ERROR`` chunk with a message for failures; with extended
+headers only extended chunks.
+"""
+
+from __future__ import annotations
+
+import errno as host_errno
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import wire
+from .constants import Cmd, CmdFlag, NbdErrno, ReplyType, TransmissionFlag
+from .errors import (
+    CommandError,
+    InvalidRequest,
+    OutOfSpace,
+    ReadOnlyExport,
+    RemoteProtocolError,
+    TooLarge,
+)
+from .handshake import Negotiated
+
+# A WRITE payload we refuse is still read and thrown away to keep the stream in sync,
+# up to this size; past it the client is treated as hostile and disconnected.
+MAX_DRAIN = 128 * 1024 * 1024
+# Cap on descriptors in one BLOCK_STATUS chunk (the standard allows 2^20).
+MAX_EXTENTS = 64 * 1024
+U32_MAX = 0xFFFFFFFF
+
+_COMPACT_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO
+_EXTENDED_FLAGS = _COMPACT_FLAGS | CmdFlag.PAYLOAD_LEN
+_WRITE_COMMANDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_KNOWN_COMMANDS = frozenset(int(c) for c in Cmd if c is not Cmd.RESIZE)
+_ONLY_ON: dict[CmdFlag, frozenset[int]] = {
+    CmdFlag.NO_HOLE: frozenset({Cmd.WRITE_ZEROES}),
+    CmdFlag.FAST_ZERO: frozenset({Cmd.WRITE_ZEROES}),
+    CmdFlag.DF: frozenset({Cmd.READ}),
+    CmdFlag.REQ_ONE: frozenset({Cmd.BLOCK_STATUS}),
+    CmdFlag.PAYLOAD_LEN: frozenset({Cmd.WRITE, Cmd.BLOCK_STATUS}),
+}
+_NEEDS_ADVERTISED: dict[int, TransmissionFlag] = {
+    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TransmissionFlag.SEND_CACHE,
+}
+_FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
+    CmdFlag.FUA: TransmissionFlag.SEND_FUA,
+    CmdFlag.DF: TransmissionFlag.SEND_DF,
+    CmdFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of bytes with one base:allocation status (0 = data, HOLE|ZERO = hole)."""
+
+    offset: int
+    length: int
+    flags: int
+
+    @property
+    def is_hole(self) -> bool:
+        return bool(self.flags & 1)
+
+
+def command_name(cmd: int) -> str:
+    try:
+        return Cmd(cmd).name
+    except ValueError:
+        return f"UNKNOWN_{cmd}"
+
+
+def nbd_errno(exc: OSError, flags: int = 0) -> NbdErrno:
+    """Map a backend's host errno to the NBD errno a client understands (nbdkit's rule)."""
+    code = exc.errno
+    if code in (host_errno.EROFS, host_errno.EPERM, host_errno.EACCES):
+        return NbdErrno.EPERM
+    if code in (host_errno.ENOSPC, host_errno.EDQUOT, host_errno.EFBIG):
+        return NbdErrno.ENOSPC
+    if code == host_errno.EINVAL:
+        return NbdErrno.EINVAL
+    if code == host_errno.ENOMEM:
+        return NbdErrno.ENOMEM
+    if code == host_errno.EOVERFLOW:
+        return NbdErrno.EOVERFLOW if flags & CmdFlag.DF else NbdErrno.EINVAL
+    if code in (host_errno.ENOTSUP, host_errno.EOPNOTSUPP):
+        return NbdErrno.ENOTSUP if flags & CmdFlag.FAST_ZERO else NbdErrno.EINVAL
+    if code == host_errno.ESHUTDOWN:
+        return NbdErrno.ESHUTDOWN
+    return NbdErrno.EIO
+
+
+class Transmission:
+    """Per-connection transmission rules fixed by what the handshake negotiated."""
+
+    def __init__(self, negotiated: Negotiated) -> None:
+        export = negotiated.export
+        self.negotiated = negotiated
+        self.size = export.size
+        self.flags = negotiated.flags
+        self.structured = negotiated.structured
+        self.extended = negotiated.extended
+        self.contexts = negotiated.contexts
+        self.max_payload = export.block_max
+        self.header_size = wire.EXTENDED_REQUEST_SIZE if self.extended else wire.REQUEST_SIZE
+        self._known_flags = int(_EXTENDED_FLAGS if self.extended else _COMPACT_FLAGS)
+
+    # ------------------------------------------------------------ requests
+
+    def decode(self, buf: bytes | bytearray | memoryview, pos: int = 0) -> wire.Request:
+        if self.extended:
+            return wire.decode_extended_request(buf, pos)
+        return wire.decode_request(buf, pos)
+
+    def payload_length(self, req: wire.Request) -> int:
+        """Bytes following this header that belong to it; must be consumed in every case."""
+        if self.extended:
+            length = req.length if req.flags & CmdFlag.PAYLOAD_LEN else 0
+        else:
+            length = req.length if req.cmd == Cmd.WRITE else 0
+        if length > MAX_DRAIN:
+            raise RemoteProtocolError(f"request payload of {length} bytes is beyond any limit")
+        return length
+
+    def validate(self, req: wire.Request) -> None:
+        """Raise the CommandError this request earns; return if it may be executed."""
+        cmd, flags = req.cmd, req.flags
+        if cmd in _WRITE_COMMANDS and self.flags & TransmissionFlag.READ_ONLY:
+            raise ReadOnlyExport("export is read-only")
+        if cmd not in _KNOWN_COMMANDS:
+            raise InvalidRequest(f"unknown command {cmd}")
+        if flags & ~self._known_flags:
+            raise InvalidRequest(f"unknown command flags {flags:#x}")
+        for flag, commands in _ONLY_ON.items():
+            if flags & flag and cmd not in commands:
+                raise InvalidRequest(f"flag {flag.name} is not valid on {command_name(cmd)}")
+        for flag, needed in _FLAG_NEEDS.items():
+            if flags & flag and not self.flags & needed:
+                raise InvalidRequest(f"flag {flag.name} was not advertised")
+        needed_cmd = _NEEDS_ADVERTISED.get(cmd)
+        if needed_cmd is not None and not self.flags & needed_cmd:
+            raise InvalidRequest(f"{command_name(cmd)} was not advertised")
+        if self.extended and cmd == Cmd.WRITE and not flags & CmdFlag.PAYLOAD_LEN:
+            raise InvalidRequest("extended WRITE without NBD_CMD_FLAG_PAYLOAD_LEN")
+        if cmd == Cmd.BLOCK_STATUS and not self.contexts:
+            raise InvalidRequest("no metadata context was negotiated")
+        if cmd == Cmd.FLUSH and (req.offset or req.length):
+            raise InvalidRequest("FLUSH needs offset and length 0")
+        if cmd in (Cmd.READ, Cmd.WRITE) and req.length > self.max_payload:
+            if flags & CmdFlag.DF:
+                raise TooLarge(f"read of {req.length} bytes cannot be sent unfragmented")
+            raise InvalidRequest(f"length {req.length} exceeds the maximum {self.max_payload}")
+        if cmd in (Cmd.FLUSH, Cmd.DISC):
+            return
+        self._check_range(req)
+        if cmd == Cmd.BLOCK_STATUS and req.length == 0:
+            raise InvalidRequest("BLOCK_STATUS of length 0")
+
+    def _check_range(self, req: wire.Request) -> None:
+        if req.offset > self.size or req.length > self.size - req.offset:
+            message = (
+                f"range {req.offset}+{req.length} is beyond the end of the export ({self.size})"
+            )
+            if req.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES):
+                raise OutOfSpace(message)
+            raise InvalidRequest(message)
+
+    def block_status_payload(self, req: wire.Request, payload: bytes) -> wire.Request:
+        """Extended BLOCK_STATUS with a payload: effect length + context ids to report."""
+        if not self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD:
+            raise InvalidRequest("BLOCK_STATUS payload was not advertised")
+        if len(payload) < 8 or (len(payload) - 8) % 4:
+            raise InvalidRequest("BLOCK_STATUS payload has a bad length")
+        effect = wire.U64.unpack_from(payload)[0]
+        ids = [wire.U32.unpack_from(payload, 8 + 4 * i)[0] for i in range((len(payload) - 8) // 4)]
+        if len(set(ids)) != len(ids) or any(i not in self.contexts for i in ids):
+            raise InvalidRequest("BLOCK_STATUS payload names unknown or repeated contexts")
+        return wire.Request(req.cmd, req.flags, req.cookie, req.offset, effect, req.extended)
+
+    # ------------------------------------------------------------ replies
+
+    def _chunk(self, req: wire.Request, reply_type: int, length: int, done: bool) -> bytes:
+        return wire.chunk_header(
+            req.cookie,
+            reply_type,
+            length,
+            done=done,
+            extended=self.extended,
+            request_offset=req.offset,
+        )
+
+    def reply_ok(self, req: wire.Request) -> bytes:
+        """Success of a command without reply payload."""
+        if self.extended:
+            return self._chunk(req, ReplyType.NONE, 0, True)
+        return wire.simple_reply(req.cookie)
+
+    def reply_error(self, req: wire.Request, error: CommandError) -> bytes:
+        """A failed command (READ included, before any of its data went out)."""
+        if not self.structured:
+            return wire.simple_reply(req.cookie, int(error.errno))
+        return self.error_chunk(req, int(error.errno), error.message, error.offset, done=True)
+
+    def error_chunk(
+        self, req: wire.Request, errno: int, message: str, offset: int | None, *, done: bool
+    ) -> bytes:
+        if offset is not None and req.cmd in (Cmd.FLUSH, Cmd.DISC):
+            offset = None
+        payload = wire.error_payload(errno, message, offset)
+        return self._chunk(req, wire.error_type(offset), len(payload), done) + payload
+
+    def read_simple_header(self, req: wire.Request) -> bytes:
+        return wire.simple_reply(req.cookie)
+
+    def data_chunk_header(self, req: wire.Request, offset: int, length: int, *, done: bool) -> bytes:
+        """OFFSET_DATA header and its u64 offset; ``length`` data bytes must follow."""
+        return self._chunk(req, ReplyType.OFFSET_DATA, 8 + length, done) + wire.U64.pack(offset)
+
+    def hole_chunk(self, req: wire.Request, offset: int, length: int, *, done: bool) -> bytes:
+        return self._chunk(req, ReplyType.OFFSET_HOLE, 12, done) + wire.HOLE.pack(offset, length)
+
+    def done_chunk(self, req: wire.Request) -> bytes:
+        return self._chunk(req, ReplyType.NONE, 0, True)
+
+    def block_status_reply(self, req: wire.Request, extents: Iterable[Extent]) -> bytes:
+        """One status chunk (with DONE) for base:allocation, trimmed to the rules of §6."""
+        end = req.offset + req.length
+        req_one = bool(req.flags & CmdFlag.REQ_ONE)
+        runs: list[tuple[int, int]] = []
+        expected = req.offset
+        for extent in extents:
+            if extent.offset != expected or extent.length <= 0 or expected >= end:
+                break
+            length = min(extent.length, end - expected)
+            if runs and runs[-1][1] == extent.flags:
+                runs[-1] = (runs[-1][0] + length, extent.flags)
+            else:
+                if len(runs) >= MAX_EXTENTS:
+                    break
+                runs.append((length, extent.flags))
+            expected += length
+            if req_one:
+                break
+        if req_one:
+            runs = runs[:1]
+        if not runs:  # a lookup that said nothing: "data" is always a safe answer
+            runs = [(req.length, 0)]
+        context_id = next(iter(self.contexts))
+        if self.extended:
+            body = wire.U32.pack(context_id) + wire.U32.pack(len(runs))
+            body += b"".join(wire.EXTENT_EXT.pack(length, flags) for length, flags in runs)
+            return self._chunk(req, ReplyType.BLOCK_STATUS_EXT, len(body), True) + body
+        body = wire.U32.pack(context_id)
+        body += b"".join(wire.EXTENT.pack(min(length, U32_MAX), flags) for length, flags in runs)
+        return self._chunk(req, ReplyType.BLOCK_STATUS, len(body), True) + body

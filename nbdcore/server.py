@@ -1,0 +1,778 @@
+"""The I/O layer: listener, one thread per connection, and the zero-copy data path.
+
+Theory of operation
+-------------------
+Each connection thread runs the sans-IO handshake, then a batch loop: one large
+``recv_into`` into a reused buffer, every complete request in it parsed and executed in
+place, and all their replies sent with one ``sendmsg`` before the next receive. Reads of
+file-backed data of ``SENDFILE_MIN`` or more go out with ``os.sendfile`` after a header
+sent with ``MSG_MORE``; WRITE payloads are written straight from the receive buffer.
+
+Operations that wait on the disk for durability (FLUSH, the sync of a FUA write) go to a
+small shared pool so they do not stall the other requests of their connection; their
+replies come back through a per-connection queue and an eventfd, and only the connection
+thread ever writes to its socket. Replies therefore go out as requests complete, which
+is not always the order they came in.
+
+Bounded memory: a connection holds its receive buffer, at most ``MAX_QUEUED_OUT`` bytes of
+replies before they are sent, and at most ``MAX_OFFLOADED`` pool jobs; beyond that it
+stops reading requests, which pushes back on the client through TCP.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from .exports import Export, ExportRegistry
+from .protocol import wire
+from .protocol.constants import Cmd, CmdFlag, NbdErrno
+from .protocol.errors import BackendFailure, CommandError, RemoteProtocolError
+from .protocol.exports import ExportUnknown
+from .protocol.handshake import NEED_DATA, Closed, ExportChosen, Handshake
+from .protocol.transmission import (
+    MAX_EXTENTS,
+    Extent,
+    Transmission,
+    command_name,
+    nbd_errno,
+)
+from .stats import ConnectionInfo, NullObserver, Observer, notify
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 1 << 20  # receive buffer per connection
+SENDFILE_MIN = 64 * 1024  # below this a copy is cheaper than sendfile
+COPY_PIECE = 256 * 1024  # reads without a sendfile-able fd go out in pieces of this size
+MAX_QUEUED_OUT = 1 << 20  # reply bytes queued before they are sent
+MAX_OFFLOADED = 64  # pool jobs in flight per connection
+IOV_MAX = 1024
+ERROR_PROBE = 4096  # granularity of the search for the first failing byte of a read
+
+
+class _Disconnect(Exception):
+    """Stop serving this connection (the reason is logged, nothing is sent)."""
+
+
+def _format_peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address) or "unix"
+
+
+class NbdServer:
+    """Serves the exports of a registry on one listening socket."""
+
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 10809,
+        observer: Observer | None = None,
+        handshake_timeout_s: float = 10.0,
+        max_connections: int = 1024,
+        pool_workers: int = 4,
+    ) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self.observer: Observer = observer or NullObserver()
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_connections = max_connections
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=pool_workers, thread_name_prefix="nbd-sync"
+        )
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._connections: dict[int, _Connection] = {}
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> tuple[str, int]:
+        """Bind, listen and start accepting in a background thread; returns the address."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(128)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="nbd-accept", daemon=True
+        )
+        self._accept_thread.start()
+        log.info("serving %s on %s:%d", ", ".join(map(repr, self.registry.names())),
+                 self.host, self.port)
+        return self.host, self.port
+
+    def connections(self) -> list[ConnectionInfo]:
+        with self._lock:
+            return [c.info for c in self._connections.values()]
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, let connections finish the requests they received, then close."""
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout_s)
+        with self._lock:
+            conns = list(self._connections.values())
+        for conn in conns:
+            conn.stop_reading()
+        deadline = time.monotonic() + timeout_s
+        for conn in conns:
+            conn.thread.join(max(0.0, deadline - time.monotonic()))
+        for conn in conns:
+            conn.abort()
+        self.pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------ accepting
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, address = self._listener.accept()
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s; pausing", exc)
+                    time.sleep(0.1)
+                continue
+            with self._lock:
+                too_many = len(self._connections) >= self.max_connections
+            if too_many:
+                log.warning("refusing %s: %d connections already", _format_peer(address),
+                            self.max_connections)
+                sock.close()
+                continue
+            self._spawn(sock, _format_peer(address))
+
+    def _spawn(self, sock: socket.socket, peer: str) -> None:
+        conn = _Connection(self, sock, peer)
+        with self._lock:
+            self._connections[conn.info.id] = conn
+        conn.thread.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.pop(conn.info.id, None)
+
+
+class _Connection:
+    """One client: handshake, then the transmission batch loop."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.info = ConnectionInfo(peer=peer)
+        self.stats = self.info.stats
+        self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
+        self.export: Export | None = None
+        self.tx: Transmission | None = None
+        self._out: list[bytes | memoryview] = []
+        self._out_bytes = 0
+        self._timed: list[int] = []  # start times of requests whose replies are queued
+        # Offloaded jobs hand their replies back through this queue and wake us with efd.
+        self._done: collections.deque[tuple[bytes, int, str | None]] = collections.deque()
+        self._pending = 0
+        self._efd = -1
+        self._closed_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------ outer frame
+
+    def run(self) -> None:
+        notify(self.server.observer, "connection_opened", self.info)
+        reason = "closed"
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            leftover = self._handshake()
+            if leftover is not None:
+                notify(self.server.observer, "handshake_finished", self.info)
+                reason = self._transmission(leftover)
+        except _Disconnect as exc:
+            reason = str(exc)
+        except RemoteProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("closing %s: %s", self.info.peer, exc)
+        except (ConnectionError, TimeoutError) as exc:
+            reason = f"connection lost: {exc}"
+        except OSError as exc:
+            reason = f"socket error: {exc}"
+        except Exception:
+            reason = "internal error"
+            log.exception("connection %s failed", self.info.peer)
+        finally:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        with self._closed_lock:
+            self._closed = True
+            if self._efd >= 0:
+                os.close(self._efd)
+                self._efd = -1
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.info.closed_at = time.time()
+        self.info.close_reason = reason
+        log.debug("connection %s closed: %s", self.info.peer, reason)
+        self.server._forget(self)
+        notify(self.server.observer, "connection_closed", self.info)
+
+    def stop_reading(self) -> None:
+        """Server shutdown: the next receive sees EOF; queued requests still complete."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ handshake
+
+    def _handshake(self) -> bytes | None:
+        """Run the handshake; the bytes the client sent past it, or None if it ended."""
+        hs = Handshake(self.server.registry, self.info.peer)
+        self.info.record = hs.record
+        sock = self.sock
+        deadline = time.monotonic() + self.server.handshake_timeout_s
+        while True:
+            event = hs.next_event()
+            out = hs.data_to_send()
+            if out:
+                try:
+                    sock.sendall(out)
+                except OSError:
+                    if isinstance(event, Closed):  # a client may close before reading ABORT's ACK
+                        return None
+                    raise
+            if isinstance(event, ExportChosen):
+                try:
+                    self.export = self.server.registry.get(event.negotiated.export.name)
+                except ExportUnknown as exc:  # removed between GO and now
+                    raise _Disconnect(str(exc)) from exc
+                self.tx = Transmission(event.negotiated)
+                sock.settimeout(None)
+                return hs.take_buffered()
+            if isinstance(event, Closed):
+                raise _Disconnect(event.reason)
+            assert event is NEED_DATA
+            if self.server._stopping.is_set():
+                raise _Disconnect("server shutting down")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Disconnect("handshake took too long")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError as exc:
+                raise _Disconnect("handshake took too long") from exc
+            hs.receive_data(data)
+
+    # ------------------------------------------------------------ transmission
+
+    def _transmission(self, leftover: bytes) -> str:
+        tx = self.tx
+        assert tx is not None and self.export is not None
+        sock = self.sock
+        buf = bytearray(max(RECV_SIZE, len(leftover) + tx.header_size))
+        view = memoryview(buf)
+        buf[: len(leftover)] = leftover
+        start, end = 0, len(leftover)
+        header_size = tx.header_size
+        handle = self._handle
+        try:
+            while True:
+                while end - start >= header_size:
+                    req = tx.decode(buf, start)
+                    start += header_size
+                    if req.cmd == Cmd.DISC:
+                        self._finish_pending()
+                        return "client sent NBD_CMD_DISC"
+                    payload = tx.payload_length(req)
+                    if payload:
+                        start, end = self._payload_request(req, payload, view, start, end)
+                    else:
+                        handle(req)
+                    if self._out_bytes >= MAX_QUEUED_OUT:
+                        self._flush()
+                    if self._done:
+                        self._collect_done()
+                if self._out:
+                    self._flush()
+                if start == end:
+                    start = end = 0
+                elif start:
+                    buf[: end - start] = buf[start:end]
+                    start, end = 0, end - start
+                if self._pending:
+                    self._wait_readable()
+                n = sock.recv_into(view[end:])
+                if not n:
+                    self._finish_pending()
+                    return "client closed the connection"
+                end += n
+        finally:
+            view.release()
+
+    def _wait_readable(self) -> None:
+        """With jobs in the pool, wait for either the socket or a finished job."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self._efd, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._efd in ready:
+                os.eventfd_read(self._efd)
+                self._collect_done()
+                self._flush()
+            if self.sock.fileno() in ready or not self._pending:
+                return
+
+    # ------------------------------------------------------------ requests
+
+    def _payload_request(
+        self, req: wire.Request, length: int, view: memoryview, start: int, end: int
+    ) -> tuple[int, int]:
+        """A request followed by ``length`` payload bytes (WRITE, or BLOCK_STATUS ext)."""
+        tx = self.tx
+        assert tx is not None and self.export is not None
+        t0 = time.perf_counter_ns()
+        self.stats.count_op(req.cmd)
+        if req.cmd != Cmd.WRITE:
+            payload, start, end = self._read_payload(length, view, start, end)
+            self._payload_command(req, payload, t0)
+            return start, end
+        error: CommandError | None = None
+        try:
+            tx.validate(req)
+        except CommandError as exc:
+            error = exc
+        backend = self.export.backend
+        offset = req.offset
+        remaining = length
+        while remaining:
+            if start == end:
+                start = end = 0
+                n = self.sock.recv_into(view[: min(remaining, len(view))])
+                if not n:
+                    raise _Disconnect("client closed in the middle of a WRITE payload")
+                end = n
+            piece = min(remaining, end - start)
+            if error is None:
+                try:
+                    backend.pwrite(view[start : start + piece], offset)
+                except OSError as exc:
+                    error = BackendFailure(str(exc), nbd_errno(exc), offset=offset)
+                except Exception as exc:
+                    log.exception("backend write failed for %s", self.info.peer)
+                    error = BackendFailure(str(exc), NbdErrno.EIO, offset=offset)
+            start += piece
+            offset += piece
+            remaining -= piece
+        if error is not None:
+            self._queue_error(req, error, t0)
+            return start, end
+        self.stats.bytes_written += length
+        if req.flags & CmdFlag.FUA:
+            self._offload(req, t0, backend.sync)
+        else:
+            self._queue(tx.reply_ok(req), t0)
+        return start, end
+
+    def _read_payload(
+        self, length: int, view: memoryview, start: int, end: int
+    ) -> tuple[bytes, int, int]:
+        """Consume a small non-WRITE payload (kept, up to a sane size) from the stream."""
+        kept = bytearray()
+        remaining = length
+        while remaining:
+            if start == end:
+                start = end = 0
+                n = self.sock.recv_into(view[: min(remaining, len(view))])
+                if not n:
+                    raise _Disconnect("client closed in the middle of a request payload")
+                end = n
+            piece = min(remaining, end - start)
+            if len(kept) < 65536:
+                kept += view[start : start + piece]
+            start += piece
+            remaining -= piece
+        return bytes(kept), start, end
+
+    def _payload_command(self, req: wire.Request, payload: bytes, t0: int) -> None:
+        """Extended headers only: BLOCK_STATUS may carry a payload naming contexts."""
+        tx = self.tx
+        assert tx is not None
+        try:
+            if req.cmd != Cmd.BLOCK_STATUS:
+                tx.validate(req)
+                raise CommandError(f"{command_name(req.cmd)} takes no payload")
+            effective = tx.block_status_payload(req, payload)
+            tx.validate(effective)
+        except CommandError as exc:
+            self._queue_error(req, exc, t0)
+            return
+        self._block_status(effective, t0)
+
+    def _handle(self, req: wire.Request) -> None:
+        """Every request without payload: validate, execute, queue the reply."""
+        tx = self.tx
+        assert tx is not None
+        t0 = time.perf_counter_ns()
+        self.stats.count_op(req.cmd)
+        try:
+            tx.validate(req)
+            cmd = req.cmd
+            if cmd == Cmd.READ:
+                self._read(req, t0)
+            elif cmd == Cmd.FLUSH:
+                self._offload(req, t0, self.export.backend.sync)  # type: ignore[union-attr]
+            elif cmd == Cmd.BLOCK_STATUS:
+                self._block_status(req, t0)
+            elif cmd == Cmd.WRITE_ZEROES:
+                self._write_zeroes(req, t0)
+            elif cmd == Cmd.TRIM:
+                self._trim(req, t0)
+            elif cmd == Cmd.CACHE:
+                self._cache(req, t0)
+            else:  # validate() lets only the commands above through
+                raise CommandError(f"unexpected command {command_name(cmd)}")
+        except CommandError as exc:
+            self._queue_error(req, exc, t0)
+        except OSError as exc:
+            self._queue_error(req, BackendFailure(str(exc), nbd_errno(exc, req.flags)), t0)
+        except (_Disconnect, ConnectionError):
+            raise
+        except Exception as exc:
+            log.exception("request %s from %s failed", command_name(req.cmd), self.info.peer)
+            self._queue_error(req, BackendFailure(str(exc), NbdErrno.EIO), t0)
+
+    def _write_zeroes(self, req: wire.Request, t0: int) -> None:
+        backend = self._backend()
+        flags = req.flags
+        if req.length:
+            backend.zero(
+                req.offset,
+                req.length,
+                may_trim=not flags & CmdFlag.NO_HOLE,
+                fast=bool(flags & CmdFlag.FAST_ZERO),
+            )
+            self.stats.zero_bytes += req.length
+        self._reply_ok_or_sync(req, t0)
+
+    def _trim(self, req: wire.Request, t0: int) -> None:
+        if req.length:
+            self._backend().trim(req.offset, req.length)
+            self.stats.zero_bytes += req.length
+        self._reply_ok_or_sync(req, t0)
+
+    def _cache(self, req: wire.Request, t0: int) -> None:
+        if req.length:
+            try:
+                self._backend().cache(req.offset, req.length)
+            except OSError as exc:  # a hint: failing it changes nothing for later I/O
+                log.debug("CACHE hint failed for %s: %s", self.info.peer, exc)
+        self._queue(self.tx.reply_ok(req), t0)  # type: ignore[union-attr]
+
+    def _reply_ok_or_sync(self, req: wire.Request, t0: int) -> None:
+        if req.flags & CmdFlag.FUA:
+            self._offload(req, t0, self._backend().sync)
+        else:
+            self._queue(self.tx.reply_ok(req), t0)  # type: ignore[union-attr]
+
+    def _backend(self):  # type: ignore[no-untyped-def]
+        return self.export.backend  # type: ignore[union-attr]
+
+    def _block_status(self, req: wire.Request, t0: int | None = None) -> None:
+        tx = self.tx
+        assert tx is not None
+        if t0 is None:
+            t0 = time.perf_counter_ns()
+        limit = 1 if req.flags & CmdFlag.REQ_ONE else MAX_EXTENTS
+        try:
+            extents = self._backend().extents(req.offset, req.length, limit)
+        except OSError as exc:  # status 0 ("data") is always a safe answer
+            log.debug("extent lookup failed for %s: %s", self.info.peer, exc)
+            extents = []
+        self._queue(tx.block_status_reply(req, extents), t0)
+
+    # ------------------------------------------------------------ READ
+
+    def _read(self, req: wire.Request, t0: int) -> None:
+        tx = self.tx
+        assert tx is not None
+        backend = self._backend()
+        if req.length == 0:
+            reply = tx.done_chunk(req) if tx.structured else tx.read_simple_header(req)
+            self._queue(reply, t0)
+            return
+        if not tx.structured:
+            self._read_simple(req, t0, backend)
+        elif req.flags & CmdFlag.DF:
+            self._read_extent(req, req.offset, req.length, backend, last=True)
+            self._timed.append(t0)
+        else:
+            self._read_structured(req, t0, backend)
+
+    def _read_simple(self, req: wire.Request, t0: int, backend: object) -> None:
+        """Simple reply: the header promises all the data, so read it before sending."""
+        tx = self.tx
+        assert tx is not None
+        fd = backend.read_fd()  # type: ignore[attr-defined]
+        if fd is not None and req.length >= SENDFILE_MIN:
+            self._queue(tx.read_simple_header(req), t0)
+            self._send_file(fd, req.offset, req.length, pad_on_error=False)
+        else:
+            data = backend.pread(req.offset, req.length)  # type: ignore[attr-defined]
+            self._queue(tx.read_simple_header(req), t0)
+            self._queue_data(data)
+        self.stats.bytes_read += req.length
+
+    def _read_structured(self, req: wire.Request, t0: int, backend: object) -> None:
+        tx = self.tx
+        assert tx is not None
+        try:
+            extents = backend.extents(req.offset, req.length)  # type: ignore[attr-defined]
+        except OSError as exc:
+            log.debug("extent lookup failed for %s: %s", self.info.peer, exc)
+            extents = []
+        covered = sum(e.length for e in extents)
+        if covered < req.length:  # anything undescribed is read as data
+            extents.append(Extent(req.offset + covered, req.length - covered, 0))
+        self._timed.append(t0)
+        last_index = len(extents) - 1
+        for index, extent in enumerate(extents):
+            last = index == last_index
+            if extent.is_hole:
+                self._queue(tx.hole_chunk(req, extent.offset, extent.length, done=last))
+                self.stats.hole_bytes += extent.length
+            elif not self._read_extent(req, extent.offset, extent.length, backend, last=last):
+                return  # an error chunk ended the reply
+
+    def _read_extent(
+        self, req: wire.Request, offset: int, length: int, backend: object, *, last: bool
+    ) -> bool:
+        """Send [offset, offset+length) as OFFSET_DATA; False if an error chunk ended the reply."""
+        tx = self.tx
+        assert tx is not None
+        fd = backend.read_fd()  # type: ignore[attr-defined]
+        if fd is not None and length >= SENDFILE_MIN:
+            self._queue(tx.data_chunk_header(req, offset, length, done=False))
+            failed_at = self._send_file(fd, offset, length, pad_on_error=True)
+            if failed_at is not None:
+                self._queue(tx.error_chunk(req, NbdErrno.EIO, "read failed", failed_at, done=True))
+                self.stats.count_error("EIO")
+                return False
+            self.stats.bytes_read += length
+            if last:
+                self._queue(tx.done_chunk(req))
+            return True
+        pos, end = offset, offset + length
+        while pos < end:
+            piece = min(COPY_PIECE, end - pos)
+            try:
+                data = backend.pread(pos, piece)  # type: ignore[attr-defined]
+            except OSError as exc:
+                good = self._readable_prefix(backend, pos, piece)
+                if good:
+                    data = backend.pread(pos, good)  # type: ignore[attr-defined]
+                    self._queue(tx.data_chunk_header(req, pos, good, done=False))
+                    self._queue_data(data)
+                    self.stats.bytes_read += good
+                errno_ = nbd_errno(exc, req.flags)
+                self._queue(tx.error_chunk(req, errno_, str(exc), pos + good, done=True))
+                self.stats.count_error(errno_.name)
+                return False
+            done = last and pos + piece == end
+            self._queue(tx.data_chunk_header(req, pos, piece, done=done))
+            self._queue_data(data)
+            self.stats.bytes_read += piece
+            pos += piece
+        return True
+
+    def _readable_prefix(self, backend: object, offset: int, length: int) -> int:
+        """How many bytes from ``offset`` read without error, to ERROR_PROBE precision."""
+        good, bad = 0, length
+        while bad - good > ERROR_PROBE:
+            mid = (good + bad) // 2
+            try:
+                backend.pread(offset, mid)  # type: ignore[attr-defined]
+                good = mid
+            except OSError:
+                bad = mid
+        return good
+
+    def _send_file(self, fd: int, offset: int, length: int, *, pad_on_error: bool) -> int | None:
+        """Send bytes of ``fd`` after the queued output; the first failing offset, or None."""
+        self._flush(more=True)
+        sock_fd = self.sock.fileno()
+        pos, end = offset, offset + length
+        failure: OSError | None = None
+        while pos < end:
+            try:
+                sent = os.sendfile(sock_fd, fd, pos, end - pos)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise ConnectionError(str(exc)) from exc
+                failure = exc
+                break
+            if sent == 0:
+                failure = OSError(errno.EIO, "image file is shorter than the export")
+                break
+            pos += sent
+        if failure is None:
+            return None
+        if not pad_on_error:
+            raise _Disconnect(f"read failed after the reply header was sent: {failure}")
+        log.warning("read of %s failed at %d: %s", self.info.peer, pos, failure)
+        zeroes = bytes(min(end - pos, 1 << 20))
+        at = pos
+        while at < end:
+            n = min(len(zeroes), end - at)
+            self.sock.sendall(memoryview(zeroes)[:n])
+            at += n
+        return pos
+
+    # ------------------------------------------------------------ replies
+
+    def _queue(self, data: bytes, t0: int | None = None) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if t0 is not None:
+            self._timed.append(t0)
+
+    def _queue_data(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= MAX_QUEUED_OUT:
+            self._flush()
+
+    def _queue_error(self, req: wire.Request, error: CommandError, t0: int) -> None:
+        self.stats.count_error(error.errno.name)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s: %s", self.info.peer, command_name(req.cmd), error.message)
+        self._queue(self.tx.reply_error(req, error), t0)  # type: ignore[union-attr]
+
+    def _flush(self, more: bool = False) -> None:
+        out = self._out
+        if out:
+            flags = socket.MSG_MORE if more else 0
+            sock = self.sock
+            while out:
+                batch = out[:IOV_MAX]
+                sent = sock.sendmsg(batch, [], flags)
+                total = sum(map(len, batch))
+                if sent == total:
+                    del out[: len(batch)]
+                    continue
+                _drop_sent(out, sent)
+            self._out_bytes = 0
+        if self._timed:
+            now = time.perf_counter_ns()
+            record = self.stats.record_latency
+            for t0 in self._timed:
+                record(now - t0)
+            self._timed.clear()
+
+    # ------------------------------------------------------------ offloaded jobs
+
+    def _offload(self, req: wire.Request, t0: int, action: Callable[[], None]) -> None:
+        """Run a slow ``action`` in the pool; its reply is sent when it completes."""
+        if self._efd < 0:
+            self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        while self._pending >= MAX_OFFLOADED:
+            self._wait_done()
+        self._pending += 1
+        tx = self.tx
+        assert tx is not None
+
+        def job() -> None:
+            error: CommandError | None = None
+            try:
+                action()
+            except OSError as exc:
+                error = BackendFailure(str(exc), nbd_errno(exc, req.flags))
+            except Exception as exc:
+                log.exception("%s failed for %s", command_name(req.cmd), self.info.peer)
+                error = BackendFailure(str(exc), NbdErrno.EIO)
+            if error is None:
+                self._done.append((tx.reply_ok(req), t0, None))
+            else:
+                self._done.append((tx.reply_error(req, error), t0, error.errno.name))
+            with self._closed_lock:
+                if not self._closed:
+                    os.eventfd_write(self._efd, 1)
+
+        try:
+            self.server.pool.submit(job)
+        except RuntimeError:  # pool shut down: run it here rather than lose the reply
+            job()
+
+    def _collect_done(self) -> None:
+        while self._done:
+            reply, t0, error_name = self._done.popleft()
+            self._pending -= 1
+            if error_name:
+                self.stats.count_error(error_name)
+            self._queue(reply, t0)
+
+    def _wait_done(self) -> None:
+        """Block until at least one offloaded job finished, and queue its reply."""
+        poller = select.poll()
+        poller.register(self._efd, select.POLLIN)
+        while not self._done:
+            poller.poll(1000)
+            try:
+                os.eventfd_read(self._efd)
+            except BlockingIOError:
+                pass
+        self._collect_done()
+
+    def _finish_pending(self) -> None:
+        """Before closing: wait for offloaded jobs and send their replies if we still can."""
+        while self._pending:
+            self._wait_done()
+        try:
+            self._flush()
+        except OSError:
+            pass
+
+
+def _drop_sent(out: list[bytes | memoryview], sent: int) -> None:
+    """Remove ``sent`` bytes from the front of a list of buffers."""
+    while sent:
+        first = out[0]
+        if len(first) <= sent:
+            sent -= len(first)
+            del out[0]
+        else:
+            out[0] = memoryview(first)[sent:]
+            sent = 0
