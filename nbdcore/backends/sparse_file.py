@@ -6,7 +6,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import threading
 
 from ..protocol.constants import State
 from ..protocol.transmission import Extent
@@ -41,7 +40,9 @@ class SparseFile:
         self.size = os.fstat(self.fd).st_size
         self._can_punch = True
         self._can_zero_range = True
-        self._zero_lock = threading.Lock()  # shared buffer of zeroes for the slow path
+        # One run of bytes known to be allocated, so that reads inside it need no lseek.
+        # Writes only ever turn holes into data; whatever punches holes resets it.
+        self._known_data = (0, 0)
         writable = not read_only
         self.caps = Capabilities(
             can_write=writable,
@@ -88,6 +89,7 @@ class SparseFile:
     def _try_fallocate(self, mode: int, offset: int, length: int, attr: str) -> bool:
         if not getattr(self, attr):
             return False
+        self._known_data = (0, 0)  # holes are about to appear
         try:
             fallocate(self.fd, mode, offset, length)
         except OSError as exc:
@@ -116,23 +118,37 @@ class SparseFile:
 
     def extents(self, offset: int, length: int, limit: int = 0) -> list[Extent]:
         end = offset + length
+        known_start, known_end = self._known_data
+        if known_start <= offset and end <= known_end:
+            return [Extent(offset, length, 0)]
+        # SEEK_HOLE first: for the common fully-allocated range it is the only syscall.
         pos = offset
         out: list[Extent] = []
+        fd = self.fd
         while pos < end and (not limit or len(out) < limit):
             try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: pos is at or past the end of the file
+                    raise
+                out += self._tail_extents(pos, end)
+                break
+            if hole > pos:
+                if hole - pos > known_end - known_start:
+                    self._known_data = (pos, hole)
+                stop = min(hole, end)
+                out.append(Extent(pos, stop - pos, 0))
+                pos = stop
+                continue
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno != errno.ENXIO:
                     raise
                 out += self._tail_extents(pos, end)
                 break
-            if data > pos:
-                stop = min(data, end)
-                out.append(Extent(pos, stop - pos, HOLE_FLAGS))
-                pos = stop
-                continue
-            stop = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
-            out.append(Extent(pos, stop - pos, 0))
+            stop = min(data, end)
+            out.append(Extent(pos, stop - pos, HOLE_FLAGS))
             pos = stop
         return out
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno as host_errno
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import wire
 from .constants import Cmd, CmdFlag, NbdErrno, ReplyType, TransmissionFlag
@@ -43,6 +43,10 @@ U32_MAX = 0xFFFFFFFF
 
 _COMPACT_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO
 _EXTENDED_FLAGS = _COMPACT_FLAGS | CmdFlag.PAYLOAD_LEN
+_READ, _WRITE, _FLUSH, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FLUSH), int(
+    Cmd.BLOCK_STATUS
+)
+_DF, _PAYLOAD_LEN = int(CmdFlag.DF), int(CmdFlag.PAYLOAD_LEN)
 _WRITE_COMMANDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _KNOWN_COMMANDS = frozenset(int(c) for c in Cmd if c is not Cmd.RESIZE)
 _ONLY_ON: dict[CmdFlag, frozenset[int]] = {
@@ -65,8 +69,7 @@ _FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(NamedTuple):
     """A run of bytes with one base:allocation status (0 = data, HOLE|ZERO = hole)."""
 
     offset: int
@@ -119,6 +122,31 @@ class Transmission:
         self.max_payload = export.block_max
         self.header_size = wire.EXTENDED_REQUEST_SIZE if self.extended else wire.REQUEST_SIZE
         self._known_flags = int(_EXTENDED_FLAGS if self.extended else _COMPACT_FLAGS)
+        self._fast_flags = self._fast_path_masks()
+
+    def _fast_path_masks(self) -> dict[int, int]:
+        """Command -> the flags it may carry, for commands this connection may execute.
+
+        ``validate`` checks a request against this table first; anything not in it (an
+        unknown command, a flag out of place, a write on a read-only export ...) takes the
+        slow path, which finds the precise error. Plain ints: IntFlag arithmetic is slow.
+        """
+        masks: dict[int, int] = {}
+        for cmd in _KNOWN_COMMANDS - {Cmd.DISC}:
+            probe_flags = int(CmdFlag.PAYLOAD_LEN) if self.extended and cmd == Cmd.WRITE else 0
+            try:
+                self._validate_slow(wire.Request(cmd, probe_flags, 0, 0, 0, self.extended))
+            except CommandError:
+                continue  # never executable on this connection
+            allowed = self._known_flags
+            for flag, commands in _ONLY_ON.items():
+                if cmd not in commands:
+                    allowed &= ~int(flag)
+            for flag, needed in _FLAG_NEEDS.items():
+                if not self.flags & needed:
+                    allowed &= ~int(flag)
+            masks[int(cmd)] = allowed
+        return masks
 
     # ------------------------------------------------------------ requests
 
@@ -140,6 +168,30 @@ class Transmission:
     def validate(self, req: wire.Request) -> None:
         """Raise the CommandError this request earns; return if it may be executed."""
         cmd, flags = req.cmd, req.flags
+        allowed = self._fast_flags.get(cmd)
+        if allowed is None or flags & ~allowed or (
+            self.extended and cmd == _WRITE and not flags & _PAYLOAD_LEN
+        ):
+            self._validate_slow(req)
+        if cmd == _READ or cmd == _WRITE:
+            if req.length > self.max_payload:
+                if flags & _DF:
+                    raise TooLarge(f"read of {req.length} bytes cannot be sent unfragmented")
+                raise InvalidRequest(
+                    f"length {req.length} exceeds the maximum {self.max_payload}"
+                )
+        elif cmd == _FLUSH:
+            if req.offset or req.length:
+                raise InvalidRequest("FLUSH needs offset and length 0")
+            return
+        elif cmd == _BLOCK_STATUS and req.length == 0:
+            raise InvalidRequest("BLOCK_STATUS of length 0")
+        if req.offset > self.size or req.length > self.size - req.offset:
+            self._check_range(req)
+
+    def _validate_slow(self, req: wire.Request) -> None:
+        """The precise error for a request the fast path did not accept."""
+        cmd, flags = req.cmd, req.flags
         if cmd in _WRITE_COMMANDS and self.flags & TransmissionFlag.READ_ONLY:
             raise ReadOnlyExport("export is read-only")
         if cmd not in _KNOWN_COMMANDS:
@@ -159,17 +211,6 @@ class Transmission:
             raise InvalidRequest("extended WRITE without NBD_CMD_FLAG_PAYLOAD_LEN")
         if cmd == Cmd.BLOCK_STATUS and not self.contexts:
             raise InvalidRequest("no metadata context was negotiated")
-        if cmd == Cmd.FLUSH and (req.offset or req.length):
-            raise InvalidRequest("FLUSH needs offset and length 0")
-        if cmd in (Cmd.READ, Cmd.WRITE) and req.length > self.max_payload:
-            if flags & CmdFlag.DF:
-                raise TooLarge(f"read of {req.length} bytes cannot be sent unfragmented")
-            raise InvalidRequest(f"length {req.length} exceeds the maximum {self.max_payload}")
-        if cmd in (Cmd.FLUSH, Cmd.DISC):
-            return
-        self._check_range(req)
-        if cmd == Cmd.BLOCK_STATUS and req.length == 0:
-            raise InvalidRequest("BLOCK_STATUS of length 0")
 
     def _check_range(self, req: wire.Request) -> None:
         if req.offset > self.size or req.length > self.size - req.offset:

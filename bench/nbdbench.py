@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: nbdcore vs nbdkit (file plugin) vs qemu-nbd, same images, one run.
+
+Every workload runs against each server in turn (A, B, C, A, B, C, ...) for ``--rounds``
+rounds; the table shows medians and the ratio of nbdcore to each peer. Page cache warm,
+loopback TCP. Usage::
+
+    python bench/nbdbench.py [--rounds 3] [--quick] [--only seqread_fio,randread16]
+
+The table is printed and written to bench/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+@dataclass
+class Server:
+    name: str
+    argv: Callable[[Path, int], list[str]]
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def start(self, image: Path) -> str:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            self.argv(image, self.port), cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def rss_kib(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        return 0
+
+
+SERVERS = [
+    Server("nbdcore", lambda img, port: [
+        sys.executable, "-m", "nbdcore", "serve", str(img), "--port", str(port)]),
+    Server("nbdkit", lambda img, port: [
+        "nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)]),
+    Server("qemu-nbd", lambda img, port: [
+        "qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-e", "16", "-t",
+        str(img)]),
+]
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    unit: str
+    image: str  # key of the image to serve
+    run: Callable[[str, Path], float]
+    higher_is_better: bool = True
+    results: dict[str, list[float]] = field(default_factory=dict)
+
+
+def fio(uri: str, *args: str, runtime: int) -> dict:
+    out = subprocess.run(
+        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
+         f"--runtime={runtime}", "--time_based", "--group_reporting", *args],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
+    def seqread_nbdcopy(uri: str, image: Path) -> float:
+        return image.stat().st_size / MiB / timed(["nbdcopy", uri, "null:"])
+
+    def seqread_fio(uri: str, _: Path) -> float:
+        job = fio(uri, "--rw=read", "--bs=1M", "--iodepth=8", runtime=runtime)
+        return job["read"]["bw_bytes"] / MiB
+
+    def seqwrite_fio(uri: str, _: Path) -> float:
+        job = fio(uri, "--rw=write", "--bs=1M", "--iodepth=8", runtime=runtime)
+        return job["write"]["bw_bytes"] / MiB
+
+    def seqwrite_nbdcopy(uri: str, image: Path) -> float:
+        source = tmp / "source.raw"
+        return source.stat().st_size / MiB / timed(["nbdcopy", str(source), uri])
+
+    def randread16(uri: str, _: Path) -> float:
+        return fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", runtime=runtime)[
+            "read"]["iops"]
+
+    def randread1_p50(uri: str, _: Path) -> float:
+        job = fio(uri, "--rw=randread", "--bs=4k", "--iodepth=1", runtime=runtime)
+        return job["read"]["clat_ns"]["percentile"]["50.000000"] / 1000
+
+    def randwrite16(uri: str, _: Path) -> float:
+        return fio(uri, "--rw=randwrite", "--bs=4k", "--iodepth=16", runtime=runtime)[
+            "write"]["iops"]
+
+    def sparse_nbdcopy(uri: str, _: Path) -> float:
+        return timed(["nbdcopy", uri, "null:"])
+
+    def sparse_convert(uri: str, _: Path) -> float:
+        out = tmp / "convert-out.raw"
+        try:
+            return timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)])
+        finally:
+            out.unlink(missing_ok=True)
+
+    def many_clients(uri: str, _: Path) -> float:
+        job = fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", "--numjobs=8",
+                  runtime=runtime)
+        return job["read"]["iops"]
+
+    return [
+        Workload("seqread_nbdcopy", "seq read 1 GiB, nbdcopy -> null:", "MiB/s", "full",
+                 seqread_nbdcopy),
+        Workload("seqread_fio", "seq read, fio 1M iodepth 8", "MiB/s", "full", seqread_fio),
+        Workload("seqwrite_fio", "seq write, fio 1M iodepth 8", "MiB/s", "full", seqwrite_fio),
+        Workload("seqwrite_nbdcopy", "seq write 1 GiB, nbdcopy file -> nbd", "MiB/s", "full",
+                 seqwrite_nbdcopy),
+        Workload("randread16", "4K rand read, iodepth 16", "IOPS", "full", randread16),
+        Workload("randread1_p50", "4K rand read, iodepth 1, p50", "us", "full", randread1_p50,
+                 higher_is_better=False),
+        Workload("randwrite16", "4K rand write, iodepth 16", "IOPS", "full", randwrite16),
+        Workload("sparse_nbdcopy", "sparse 8 GiB (64 MiB data), nbdcopy -> null:", "s",
+                 "sparse", sparse_nbdcopy, higher_is_better=False),
+        Workload("sparse_convert", "sparse 8 GiB, qemu-img convert -> raw", "s", "sparse",
+                 sparse_convert, higher_is_better=False),
+        Workload("many_clients", "8 clients x 4K rand read iodepth 16", "IOPS", "full",
+                 many_clients),
+    ]
+
+
+def make_images(tmp: Path, full_size: int) -> dict[str, Path]:
+    full = tmp / "full.raw"
+    source = tmp / "source.raw"
+    block = os.urandom(MiB)
+    with open(full, "wb") as f:
+        for _ in range(full_size // MiB):
+            f.write(block)
+    shutil.copyfile(full, source)
+    sparse = tmp / "sparse.raw"
+    with open(sparse, "wb") as f:
+        f.truncate(8 * GiB)
+        step = 8 * GiB // 64
+        for i in range(64):
+            f.seek(i * step + (i * 7919 % 97) * MiB)
+            f.write(block)
+    # Warm the page cache so every server starts equal.
+    for path in (full, source, sparse):
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    return {"full": full, "sparse": sparse}
+
+
+def fmt(value: float, unit: str) -> str:
+    if unit in ("IOPS", "MiB/s"):
+        return f"{value:,.0f}"
+    return f"{value:.3f}" if unit == "s" else f"{value:.1f}"
+
+
+def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
+    names = [s.name for s in SERVERS]
+    lines = [
+        f"Medians of {rounds} interleaved rounds; ratio = nbdcore / peer, oriented so that "
+        "> 1.00 means nbdcore is better.",
+        "",
+        "| workload | unit | " + " | ".join(names) + " | vs nbdkit | vs qemu-nbd |",
+        "|---|---|" + "---|" * len(names) + "---|---|",
+    ]
+    for w in workloads:
+        if not w.results:
+            continue
+        med = {n: statistics.median(w.results[n]) for n in names if w.results.get(n)}
+        cells = [fmt(med[n], w.unit) if n in med else "-" for n in names]
+        ratios = []
+        for peer in ("nbdkit", "qemu-nbd"):
+            if peer in med and "nbdcore" in med and med[peer] and med["nbdcore"]:
+                r = med["nbdcore"] / med[peer]
+                ratios.append(f"{(r if w.higher_is_better else 1 / r):.2f}x")
+            else:
+                ratios.append("-")
+        lines.append(f"| {w.title} | {w.unit} | " + " | ".join(cells) + " | "
+                     + " | ".join(ratios) + " |")
+    lines += ["", "Peak resident memory (VmHWM, KiB): "
+              + ", ".join(f"{n} {rss.get(n, 0):,}" for n in names)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    parser.add_argument("--quick", action="store_true", help="256 MiB image, 2 s fio jobs")
+    parser.add_argument("--only", default="", help="comma-separated workload names")
+    parser.add_argument("--servers", default="nbdcore,nbdkit,qemu-nbd")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.md"))
+    args = parser.parse_args()
+    for tool in ("nbdcopy", "fio", "qemu-img", "qemu-nbd", "nbdkit"):
+        if shutil.which(tool) is None:
+            print(f"missing {tool}: run `make bench` (it installs the tools)", file=sys.stderr)
+            return 1
+    runtime = 2 if args.quick else args.runtime
+    wanted = set(filter(None, args.servers.split(",")))
+    SERVERS[:] = [s for s in SERVERS if s.name in wanted]
+    with tempfile.TemporaryDirectory(prefix="nbdbench-", dir=os.environ.get("BENCH_DIR")) as d:
+        tmp = Path(d)
+        images = make_images(tmp, (256 if args.quick else 1024) * MiB)
+        workloads = make_workloads(tmp, runtime)
+        if args.only:
+            only = set(args.only.split(","))
+            workloads = [w for w in workloads if w.name in only]
+        rss: dict[str, int] = {}
+        for round_no in range(args.rounds):
+            for w in workloads:
+                for server in SERVERS:
+                    uri = server.start(images[w.image])
+                    try:
+                        value = w.run(uri, images[w.image])
+                        rss[server.name] = max(rss.get(server.name, 0), server.rss_kib())
+                    finally:
+                        server.stop()
+                    w.results.setdefault(server.name, []).append(value)
+                    print(f"round {round_no + 1} {w.name:18} {server.name:9} "
+                          f"{fmt(value, w.unit)} {w.unit}", flush=True)
+    table = report(workloads, args.rounds, rss)
+    print()
+    print(table)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out.write_text(f"# nbdbench {stamp}\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
