@@ -56,6 +56,9 @@ MAX_QUEUED_OUT = 1 << 20  # reply bytes queued before they are sent
 MAX_OFFLOADED = 64  # pool jobs in flight per connection
 IOV_MAX = 1024
 ERROR_PROBE = 4096  # granularity of the search for the first failing byte of a read
+# sendfile errors that mean the client went away, not the disk
+_SOCKET_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ETIMEDOUT,
+                            errno.ESHUTDOWN})
 
 
 class _Disconnect(Exception):
@@ -147,6 +150,7 @@ class NbdServer:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
+        last_complaint = 0.0
         while not self._stopping.is_set():
             try:
                 sock, address = self._listener.accept()
@@ -154,7 +158,10 @@ class NbdServer:
                 if self._stopping.is_set():
                     return
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s; pausing", exc)
+                    now = time.monotonic()
+                    if now - last_complaint > 10:  # once per episode, not every retry
+                        log.error("accept failed: %s; retrying", exc)
+                        last_complaint = now
                     time.sleep(0.1)
                 continue
             with self._lock:
@@ -309,7 +316,11 @@ class _Connection:
         try:
             while True:
                 while end - start >= header_size:
-                    req = tx.decode(buf, start)
+                    try:
+                        req = tx.decode(buf, start)
+                    except RemoteProtocolError:
+                        self._finish_pending()  # answer what came before the bad header
+                        raise
                     start += header_size
                     if req.cmd == Cmd.DISC:
                         self._finish_pending()
@@ -463,12 +474,12 @@ class _Connection:
                 self._cache(req, t0)
             else:  # validate() lets only the commands above through
                 raise CommandError(f"unexpected command {command_name(cmd)}")
+        except _Disconnect:
+            raise
         except CommandError as exc:
             self._queue_error(req, exc, t0)
-        except OSError as exc:
+        except OSError as exc:  # socket failures arrive as _Disconnect, so this is the disk
             self._queue_error(req, BackendFailure(str(exc), nbd_errno(exc, req.flags)), t0)
-        except (_Disconnect, ConnectionError):
-            raise
         except Exception as exc:
             log.exception("request %s from %s failed", command_name(req.cmd), self.info.peer)
             self._queue_error(req, BackendFailure(str(exc), NbdErrno.EIO), t0)
@@ -535,8 +546,7 @@ class _Connection:
         if not tx.structured:
             self._read_simple(req, t0, backend)
         elif req.flags & CmdFlag.DF:
-            self._read_extent(req, req.offset, req.length, backend, last=True)
-            self._timed.append(t0)
+            self._read_unfragmented(req, t0, backend)
         else:
             self._read_structured(req, t0, backend)
 
@@ -552,6 +562,26 @@ class _Connection:
             data = backend.pread(req.offset, req.length)  # type: ignore[attr-defined]
             self._queue(tx.read_simple_header(req), t0)
             self._queue_data(data)
+        self.stats.bytes_read += req.length
+
+    def _read_unfragmented(self, req: wire.Request, t0: int, backend: object) -> None:
+        """DF: at most one content chunk, holes included as zeroes (lengths are capped)."""
+        tx = self.tx
+        assert tx is not None
+        self._timed.append(t0)
+        fd = backend.read_fd()  # type: ignore[attr-defined]
+        if fd is not None and req.length >= SENDFILE_MIN:
+            self._read_extent(req, req.offset, req.length, backend, last=True)
+            return
+        try:
+            data = backend.pread(req.offset, req.length)  # type: ignore[attr-defined]
+        except OSError as exc:
+            errno_ = nbd_errno(exc, req.flags)
+            self.stats.count_error(errno_.name)
+            self._queue(tx.error_chunk(req, errno_, str(exc), req.offset, done=True))
+            return
+        self._queue(tx.data_chunk_header(req, req.offset, req.length, done=True))
+        self._queue_data(data)
         self.stats.bytes_read += req.length
 
     def _read_structured(self, req: wire.Request, t0: int, backend: object) -> None:
@@ -640,8 +670,8 @@ class _Connection:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                    raise ConnectionError(str(exc)) from exc
+                if exc.errno in _SOCKET_ERRNOS:
+                    raise _Disconnect(f"connection lost: {exc}") from exc
                 failure = exc
                 break
             if sent == 0:
@@ -655,10 +685,13 @@ class _Connection:
         log.warning("read of %s failed at %d: %s", self.info.peer, pos, failure)
         zeroes = bytes(min(end - pos, 1 << 20))
         at = pos
-        while at < end:
-            n = min(len(zeroes), end - at)
-            self.sock.sendall(memoryview(zeroes)[:n])
-            at += n
+        try:
+            while at < end:
+                n = min(len(zeroes), end - at)
+                self.sock.sendall(memoryview(zeroes)[:n])
+                at += n
+        except OSError as exc:
+            raise _Disconnect(f"connection lost: {exc}") from exc
         return pos
 
     # ------------------------------------------------------------ replies
@@ -688,7 +721,10 @@ class _Connection:
             sock = self.sock
             while out:
                 batch = out[:IOV_MAX]
-                sent = sock.sendmsg(batch, [], flags)
+                try:
+                    sent = sock.sendmsg(batch, [], flags)
+                except OSError as exc:
+                    raise _Disconnect(f"connection lost: {exc}") from exc
                 total = sum(map(len, batch))
                 if sent == total:
                     del out[: len(batch)]
@@ -762,7 +798,7 @@ class _Connection:
             self._wait_done()
         try:
             self._flush()
-        except OSError:
+        except _Disconnect:
             pass
 
 

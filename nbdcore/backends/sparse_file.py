@@ -119,7 +119,7 @@ class SparseFile:
     def extents(self, offset: int, length: int, limit: int = 0) -> list[Extent]:
         end = offset + length
         known_start, known_end = self._known_data
-        if known_start <= offset and end <= known_end:
+        if length and known_start <= offset and end <= known_end:
             return [Extent(offset, length, 0)]
         # SEEK_HOLE first: for the common fully-allocated range it is the only syscall.
         pos = offset

@@ -285,7 +285,7 @@ class Handshake:
             seen.reply = Rep(reply_type).name
 
     def _error(self, seen: OptionSeen, rep: Rep, message: str = "") -> None:
-        self._reply(seen, rep, message.encode()[:MAX_STRING])
+        self._reply(seen, rep, wire.utf8_prefix(message, MAX_STRING))
 
     def _dispatch(self, option: int, data: bytes, seen: OptionSeen) -> object | None:
         if option == Opt.EXPORT_NAME:

@@ -46,6 +46,7 @@ _EXTENDED_FLAGS = _COMPACT_FLAGS | CmdFlag.PAYLOAD_LEN
 _READ, _WRITE, _FLUSH, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FLUSH), int(
     Cmd.BLOCK_STATUS
 )
+_DISC = int(Cmd.DISC)
 _DF, _PAYLOAD_LEN = int(CmdFlag.DF), int(CmdFlag.PAYLOAD_LEN)
 _WRITE_COMMANDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _KNOWN_COMMANDS = frozenset(int(c) for c in Cmd if c is not Cmd.RESIZE)
@@ -168,6 +169,8 @@ class Transmission:
     def validate(self, req: wire.Request) -> None:
         """Raise the CommandError this request earns; return if it may be executed."""
         cmd, flags = req.cmd, req.flags
+        if cmd == _DISC:  # no reply, no checks: the client is leaving
+            return
         allowed = self._fast_flags.get(cmd)
         if allowed is None or flags & ~allowed or (
             self.extended and cmd == _WRITE and not flags & _PAYLOAD_LEN

@@ -13,6 +13,8 @@ from .constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
+    MAX_ERROR_MESSAGE,
+    MAX_STRING,
     NBDMAGIC,
     REP_MAGIC,
     REQUEST_MAGIC,
@@ -61,6 +63,14 @@ class Request:
     extended: bool = False
 
 
+def utf8_prefix(text: str, limit: int) -> bytes:
+    """``text`` encoded, cut to at most ``limit`` bytes without splitting a character."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode()
+
+
 def greeting(flags: int) -> bytes:
     return GREETING.pack(NBDMAGIC, IHAVEOPT, flags)
 
@@ -97,7 +107,7 @@ def option_reply(option: int, reply_type: int, payload: bytes = b"") -> bytes:
 
 def rep_server(name: str, description: str = "") -> bytes:
     raw = name.encode()
-    return U32.pack(len(raw)) + raw + description.encode()
+    return U32.pack(len(raw)) + raw + utf8_prefix(description, MAX_STRING)
 
 
 def info_export(size: int, flags: int) -> bytes:
@@ -109,7 +119,7 @@ def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
 
 
 def info_text(kind: Info, text: str) -> bytes:
-    return U16.pack(kind) + text.encode()
+    return U16.pack(kind) + utf8_prefix(text, MAX_STRING)
 
 
 def meta_context(context_id: int, name: str) -> bytes:
@@ -142,7 +152,7 @@ def chunk_header(
 
 
 def error_payload(errno: int, message: str, offset: int | None = None) -> bytes:
-    raw = message.encode()[:900]
+    raw = utf8_prefix(message, MAX_ERROR_MESSAGE)
     head = ERROR_HEAD.pack(errno, len(raw)) + raw
     return head if offset is None else head + U64.pack(offset)
 

@@ -183,4 +183,3 @@ def drive(hs: Handshake, data: bytes, *, eof: bool = False) -> list[object]:
         events.append(event)
         if event is NEED_DATA or isinstance(event, ExportChosen | Closed):
             return events
-
