@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import threading
 
 from ..protocol.constants import State
 from ..protocol.transmission import Extent
@@ -43,6 +44,8 @@ class SparseFile:
         # One run of bytes known to be allocated, so that reads inside it need no lseek.
         # Writes only ever turn holes into data; whatever punches holes resets it.
         self._known_data = (0, 0)
+        self._known_lock = threading.Lock()
+        self._punches = 0  # bumped before every punch, so a lookup racing one is not cached
         writable = not read_only
         self.caps = Capabilities(
             can_write=writable,
@@ -86,10 +89,17 @@ class SparseFile:
             raise OSError(errno.ENOTSUP, "zeroing this range would be as slow as writing it")
         self._write_zeroes(offset, length)
 
+    def _remember_data(self, start: int, end: int, punches: int) -> None:
+        with self._known_lock:
+            if self._punches == punches:
+                self._known_data = (start, end)
+
     def _try_fallocate(self, mode: int, offset: int, length: int, attr: str) -> bool:
         if not getattr(self, attr):
             return False
-        self._known_data = (0, 0)  # holes are about to appear
+        with self._known_lock:  # holes are about to appear
+            self._punches += 1
+            self._known_data = (0, 0)
         try:
             fallocate(self.fd, mode, offset, length)
         except OSError as exc:
@@ -97,6 +107,10 @@ class SparseFile:
                 setattr(self, attr, False)
                 return False
             raise
+        finally:
+            with self._known_lock:  # a lookup that ran during the punch must not be cached
+                self._punches += 1
+                self._known_data = (0, 0)
         return True
 
     def _write_zeroes(self, offset: int, length: int) -> None:
@@ -121,6 +135,7 @@ class SparseFile:
         known_start, known_end = self._known_data
         if length and known_start <= offset and end <= known_end:
             return [Extent(offset, length, 0)]
+        punches = self._punches
         # SEEK_HOLE first: for the common fully-allocated range it is the only syscall.
         pos = offset
         out: list[Extent] = []
@@ -135,7 +150,7 @@ class SparseFile:
                 break
             if hole > pos:
                 if hole - pos > known_end - known_start:
-                    self._known_data = (pos, hole)
+                    self._remember_data(pos, hole, punches)
                 stop = min(hole, end)
                 out.append(Extent(pos, stop - pos, 0))
                 pos = stop

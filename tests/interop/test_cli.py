@@ -115,6 +115,7 @@ def test_signal_stops_the_server_with_exit_0(serve, tmp_path: Path, signum: int)
     image = make_sparse_image(tmp_path / "d.raw", MiB)
     server = serve(image)
     assert greeting(server) == b"NBDMAGIC"
+    time.sleep(0.5)  # steady state; the start-up window is the next test's business
     server.proc.send_signal(signum)
     assert server.proc.wait(10) == 0
     with pytest.raises(ConnectionRefusedError):
