@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .backends import SparseFile
 from .exports import Export, ExportRegistry
@@ -27,40 +27,31 @@ class _ImageSpec:
     export: str | None = None
     description: str = ""
     read_only: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
 
-class _ImageOption(argparse.Action):
-    """Per-image options attach to the IMAGE given most recently."""
-
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
-        images: list[_ImageSpec] = namespace.images
-        if not images:
-            parser.error(f"{option_string} must follow the IMAGE it applies to")
-        spec = images[-1]
-        if self.dest == "read_only":
-            spec.read_only = True
-        else:
-            setattr(spec, self.dest, values)
+# Options that belong to the IMAGE written before them, and whether they take a value.
+_IMAGE_OPTIONS = {
+    "--export": "export", "-x": "export",
+    "--description": "description", "-D": "description",
+    "--read-only": "read_only", "-r": "read_only",
+}
+# Server-wide options that take a value (the others are switches).
+_VALUE_OPTIONS = {"--bind", "-b", "--port", "-p", "--handshake-timeout", "--max-connections"}
 
 
-class _Image(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
-        namespace.images.append(_ImageSpec(path=values))
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its ``serve`` sub-parser."""
     parser = argparse.ArgumentParser(prog="python -m nbdcore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve raw image files over NBD")
-    serve.set_defaults(images=[])
-    serve.add_argument("image", metavar="IMAGE", action=_Image, nargs="?",
-                       help="raw image file (repeatable, each with its own options)")
-    serve.add_argument("--export", "-x", action=_ImageOption, help="export name of the IMAGE")
-    serve.add_argument("--description", "-D", action=_ImageOption, help="export description")
-    serve.add_argument("--read-only", "-r", action=_ImageOption, nargs=0,
-                       help="serve the IMAGE read-only")
+    serve = sub.add_parser("serve", help="serve raw image files over NBD",
+                           usage="%(prog)s IMAGE [--export NAME] [--description TEXT] "
+                                 "[--read-only] [IMAGE ...] [options]")
+    image = serve.add_argument_group("each IMAGE (options apply to the IMAGE before them)")
+    image.add_argument("images", metavar="IMAGE", nargs="*", help="raw image file")
+    image.add_argument("--export", "-x", metavar="NAME", help="export name (default \"\")")
+    image.add_argument("--description", "-D", metavar="TEXT", help="export description")
+    image.add_argument("--read-only", "-r", action="store_true", help="serve it read-only")
     serve.add_argument("--bind", "-b", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", "-p", type=int, default=DEFAULT_PORT,
                        help="TCP port (0 picks a free one)")
@@ -70,33 +61,67 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-multi-conn", action="store_true",
                        help="do not advertise NBD_FLAG_CAN_MULTI_CONN")
     serve.add_argument("--verbose", "-v", action="count", default=0)
-    return parser
+    return parser, serve
+
+
+def _split_images(
+    serve: argparse.ArgumentParser, words: list[str]
+) -> tuple[list[_ImageSpec], list[str]]:
+    """Group IMAGE words with the per-image options after them; return the rest."""
+    images: list[_ImageSpec] = []
+    rest: list[str] = []
+    words = list(words)
+    while words:
+        word = words.pop(0)
+        name, eq, inline = word.partition("=")
+        if name in _IMAGE_OPTIONS:
+            if not images:
+                serve.error(f"{name} must follow the IMAGE it applies to")
+            field_name = _IMAGE_OPTIONS[name]
+            if field_name == "read_only":
+                images[-1].read_only = True
+                continue
+            if not eq:
+                if not words:
+                    serve.error(f"{name} needs a value")
+                inline = words.pop(0)
+            setattr(images[-1], field_name, inline)
+        elif word.startswith("-") and word != "-":
+            rest.append(word)
+            if name in _VALUE_OPTIONS and not eq and words:
+                rest.append(words.pop(0))
+        else:
+            images.append(_ImageSpec(path=word))
+    return images, rest
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    # argparse takes one positional; the remaining IMAGE words come back in ``rest``.
-    while rest:
-        word = rest.pop(0)
-        if word.startswith("-"):
-            parser.error(f"unrecognized argument {word}")
-        args.images.append(_ImageSpec(path=word))
-        args, rest = parser.parse_known_args(rest, namespace=args)
-    if not args.images:
-        parser.error("give at least one IMAGE")
-    names = [spec.export if spec.export is not None else "" for spec in args.images]
+    parser, serve = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0] != "serve":
+        return parser.parse_args(words)  # prints the usage error or help
+    images, rest = _split_images(serve, words[1:])
+    args = serve.parse_args(rest)
+    args.images = images
+    if not images:
+        serve.error("give at least one IMAGE")
+    names = [spec.export if spec.export is not None else "" for spec in images]
     if len(set(names)) != len(names):
-        parser.error("every IMAGE needs its own export name (only one may be the default \"\")")
+        serve.error("every IMAGE needs its own export name (only one may be the default \"\")")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        level=(logging.DEBUG if args.verbose > 1
+               else logging.INFO if args.verbose else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Handlers go in before anything is announced, so a signal never finds the default.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     registry = ExportRegistry()
     for spec in args.images:
         try:
@@ -121,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(f"listening on {host}:{port}", flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     server.shutdown()
     for name in registry.names():

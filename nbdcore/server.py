@@ -305,7 +305,8 @@ class _Connection:
 
     def _transmission(self, leftover: bytes) -> str:
         tx = self.tx
-        assert tx is not None and self.export is not None
+        assert tx is not None
+        assert self.export is not None
         sock = self.sock
         buf = bytearray(max(RECV_SIZE, len(leftover) + tx.header_size))
         view = memoryview(buf)
@@ -372,7 +373,8 @@ class _Connection:
     ) -> tuple[int, int]:
         """A request followed by ``length`` payload bytes (WRITE, or BLOCK_STATUS ext)."""
         tx = self.tx
-        assert tx is not None and self.export is not None
+        assert tx is not None
+        assert self.export is not None
         t0 = time.perf_counter_ns()
         self.stats.count_op(req.cmd)
         if req.cmd != Cmd.WRITE:
@@ -472,6 +474,8 @@ class _Connection:
                 self._trim(req, t0)
             elif cmd == Cmd.CACHE:
                 self._cache(req, t0)
+            elif cmd == Cmd.WRITE:  # only a zero-length WRITE comes without payload
+                self._queue(tx.reply_ok(req), t0)
             else:  # validate() lets only the commands above through
                 raise CommandError(f"unexpected command {command_name(cmd)}")
         except _Disconnect:

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 mkdir -p artifacts
+.venv/bin/ruff check nbdcore tests bench
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -9,8 +9,8 @@ from .handshake import (
     ExportChosen,
     Handshake,
     HandshakeState,
-    NegotiationRecord,
     Negotiated,
+    NegotiationRecord,
 )
 from .transmission import Extent, Transmission, command_name, nbd_errno
 from .wire import Request
@@ -32,8 +32,8 @@ __all__ = [
     "HandshakeState",
     "LocalProtocolError",
     "NbdErrno",
-    "NegotiationRecord",
     "Negotiated",
+    "NegotiationRecord",
     "Opt",
     "ProtocolError",
     "RemoteProtocolError",

@@ -176,7 +176,7 @@ class Transmission:
             self.extended and cmd == _WRITE and not flags & _PAYLOAD_LEN
         ):
             self._validate_slow(req)
-        if cmd == _READ or cmd == _WRITE:
+        if cmd in (_READ, _WRITE):
             if req.length > self.max_payload:
                 if flags & _DF:
                     raise TooLarge(f"read of {req.length} bytes cannot be sent unfragmented")
@@ -271,7 +271,9 @@ class Transmission:
     def read_simple_header(self, req: wire.Request) -> bytes:
         return wire.simple_reply(req.cookie)
 
-    def data_chunk_header(self, req: wire.Request, offset: int, length: int, *, done: bool) -> bytes:
+    def data_chunk_header(
+        self, req: wire.Request, offset: int, length: int, *, done: bool
+    ) -> bytes:
         """OFFSET_DATA header and its u64 offset; ``length`` data bytes must follow."""
         return self._chunk(req, ReplyType.OFFSET_DATA, 8 + length, done) + wire.U64.pack(offset)
 
