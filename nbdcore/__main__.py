@@ -60,6 +60,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--max-connections", type=int, default=1024)
     serve.add_argument("--no-multi-conn", action="store_true",
                        help="do not advertise NBD_FLAG_CAN_MULTI_CONN")
+    serve.add_argument("--sendfile", action="store_true",
+                       help="send large reads with sendfile (cheaper for this server, "
+                            "dearer for a receiver on the same machine)")
     serve.add_argument("--verbose", "-v", action="count", default=0)
     return parser, serve
 
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         ))
     server = NbdServer(registry, host=args.bind, port=args.port,
                        handshake_timeout_s=args.handshake_timeout,
-                       max_connections=args.max_connections)
+                       max_connections=args.max_connections, use_sendfile=args.sendfile)
     try:
         host, port = server.start()
     except OSError as exc:

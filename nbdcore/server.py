@@ -5,8 +5,9 @@ Theory of operation
 Each connection thread runs the sans-IO handshake, then a batch loop: one large
 ``recv_into`` into a reused buffer, every complete request in it parsed and executed in
 place, and all their replies sent with one ``sendmsg`` before the next receive. Reads of
-file-backed data of ``SENDFILE_MIN`` or more go out with ``os.sendfile`` after a header
-sent with ``MSG_MORE``; WRITE payloads are written straight from the receive buffer.
+``LARGE_READ`` or more are read into a reused per-connection buffer with ``preadv`` (or,
+when asked, sent with ``os.sendfile`` after a header sent with ``MSG_MORE``); WRITE
+payloads are written straight from the receive buffer.
 
 Operations that wait on the disk for durability (FLUSH, the sync of a FUA write) go to a
 small shared pool so they do not stall the other requests of their connection; their
@@ -32,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .backends.base import Backend
 from .exports import Export, ExportRegistry
 from .protocol import wire
 from .protocol.constants import Cmd, CmdFlag, NbdErrno
@@ -50,8 +52,11 @@ from .stats import ConnectionInfo, NullObserver, Observer, notify
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 20  # receive buffer per connection
-SENDFILE_MIN = 64 * 1024  # below this a copy is cheaper than sendfile
-COPY_PIECE = 256 * 1024  # reads without a sendfile-able fd go out in pieces of this size
+LARGE_READ = 64 * 1024  # from here file reads skip the bytes objects of os.pread
+READ_PIECE = 1 << 20  # the per-connection read buffer; larger reads are streamed through it
+COPY_PIECE = 256 * 1024  # reads without a file descriptor go out in chunks of this size
+OFFLOAD_READ_MIN = 512 * 1024  # single-piece reads from here are read in the pool
+READ_BUFFERS = 4  # per connection, for reads done in the pool
 MAX_QUEUED_OUT = 1 << 20  # reply bytes queued before they are sent
 MAX_OFFLOADED = 64  # pool jobs in flight per connection
 IOV_MAX = 1024
@@ -63,6 +68,14 @@ _SOCKET_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno
 
 class _Disconnect(Exception):
     """Stop serving this connection (the reason is logged, nothing is sent)."""
+
+
+class _ReadFailed(Exception):
+    """Reading the backend failed at ``at`` while streaming a chunk already announced."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(f"read failed at {at}")
+        self.at = at
 
 
 def _format_peer(address: object) -> str:
@@ -85,6 +98,7 @@ class NbdServer:
         handshake_timeout_s: float = 10.0,
         max_connections: int = 1024,
         pool_workers: int = 4,
+        use_sendfile: bool = False,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -92,6 +106,9 @@ class NbdServer:
         self.observer: Observer = observer or NullObserver()
         self.handshake_timeout_s = handshake_timeout_s
         self.max_connections = max_connections
+        # sendfile saves the server a copy but costs a loopback receiver more than that;
+        # measured both ways in bench/ (see README), the buffered copy is the default.
+        self.use_sendfile = use_sendfile
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=pool_workers, thread_name_prefix="nbd-sync"
         )
@@ -195,11 +212,16 @@ class _Connection:
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
         self.export: Export | None = None
         self.tx: Transmission | None = None
+        self._read_buffer: memoryview | None = None
         self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
         self._timed: list[int] = []  # start times of requests whose replies are queued
         # Offloaded jobs hand their replies back through this queue and wake us with efd.
-        self._done: collections.deque[tuple[bytes, int, str | None]] = collections.deque()
+        self._done: collections.deque[_Done] = collections.deque()
+        # Buffers for reads done in the pool: free, or holding a reply not yet sent.
+        self._free_buffers: list[memoryview] = []
+        self._lent_buffers: list[memoryview] = []
+        self._buffers_made = 0
         self._pending = 0
         self._efd = -1
         self._closed_lock = threading.Lock()
@@ -554,51 +576,67 @@ class _Connection:
         else:
             self._read_structured(req, t0, backend)
 
-    def _read_simple(self, req: wire.Request, t0: int, backend: object) -> None:
-        """Simple reply: the header promises all the data, so read it before sending."""
+    def _read_simple(self, req: wire.Request, t0: int, backend: Backend) -> None:
+        """Simple reply: the header promises all the data, so small reads go in one piece
+        and a failure while streaming a large one can only end the connection."""
         tx = self.tx
         assert tx is not None
-        fd = backend.read_fd()  # type: ignore[attr-defined]
-        if fd is not None and req.length >= SENDFILE_MIN:
-            self._queue(tx.read_simple_header(req), t0)
-            self._send_file(fd, req.offset, req.length, pad_on_error=False)
-        else:
-            data = backend.pread(req.offset, req.length)  # type: ignore[attr-defined]
+        fd = backend.read_fd()
+        if fd is None or req.length < LARGE_READ:
+            data = backend.pread(req.offset, req.length)
             self._queue(tx.read_simple_header(req), t0)
             self._queue_data(data)
+        elif req.length <= READ_PIECE:
+            if req.length >= OFFLOAD_READ_MIN and self._offload_read(req, t0, fd):
+                return
+            view = self._read_view()[: req.length]
+            if os.preadv(fd, [view], req.offset) < req.length:
+                raise OSError(errno.EIO, "image file is shorter than the export")
+            self._queue(tx.read_simple_header(req), t0)
+            self._queue(view)
+            self._flush()  # the buffer is reused by the next read
+        else:
+            self._queue(tx.read_simple_header(req), t0)
+            self._stream(fd, req.offset, req.length, pad=False)
         self.stats.bytes_read += req.length
 
-    def _read_unfragmented(self, req: wire.Request, t0: int, backend: object) -> None:
+    def _read_unfragmented(self, req: wire.Request, t0: int, backend: Backend) -> None:
         """DF: at most one content chunk, holes included as zeroes (lengths are capped)."""
         tx = self.tx
         assert tx is not None
         self._timed.append(t0)
-        fd = backend.read_fd()  # type: ignore[attr-defined]
-        if fd is not None and req.length >= SENDFILE_MIN:
-            self._read_extent(req, req.offset, req.length, backend, last=True)
+        if backend.read_fd() is not None and req.length >= LARGE_READ:
+            self._read_extent(req, req.offset, req.length, backend, last=True, split=False)
             return
         try:
-            data = backend.pread(req.offset, req.length)  # type: ignore[attr-defined]
+            data = backend.pread(req.offset, req.length)
         except OSError as exc:
-            errno_ = nbd_errno(exc, req.flags)
-            self.stats.count_error(errno_.name)
-            self._queue(tx.error_chunk(req, errno_, str(exc), req.offset, done=True))
+            self._queue_read_error(req, exc, req.offset)
             return
         self._queue(tx.data_chunk_header(req, req.offset, req.length, done=True))
         self._queue_data(data)
         self.stats.bytes_read += req.length
 
-    def _read_structured(self, req: wire.Request, t0: int, backend: object) -> None:
+    def _read_structured(self, req: wire.Request, t0: int, backend: Backend) -> None:
         tx = self.tx
         assert tx is not None
         try:
-            extents = backend.extents(req.offset, req.length)  # type: ignore[attr-defined]
+            extents = backend.extents(req.offset, req.length)
         except OSError as exc:
             log.debug("extent lookup failed for %s: %s", self.info.peer, exc)
             extents = []
         covered = sum(e.length for e in extents)
         if covered < req.length:  # anything undescribed is read as data
             extents.append(Extent(req.offset + covered, req.length - covered, 0))
+        if (
+            len(extents) == 1
+            and not extents[0].is_hole
+            and OFFLOAD_READ_MIN <= req.length <= READ_PIECE
+            and not self.server.use_sendfile
+        ):
+            fd = backend.read_fd()
+            if fd is not None and self._offload_read(req, t0, fd):
+                return
         self._timed.append(t0)
         last_index = len(extents) - 1
         for index, extent in enumerate(extents):
@@ -610,38 +648,49 @@ class _Connection:
                 return  # an error chunk ended the reply
 
     def _read_extent(
-        self, req: wire.Request, offset: int, length: int, backend: object, *, last: bool
+        self,
+        req: wire.Request,
+        offset: int,
+        length: int,
+        backend: Backend,
+        *,
+        last: bool,
+        split: bool = True,
     ) -> bool:
-        """Send [offset, offset+length) as OFFSET_DATA; False if an error chunk ended the reply."""
+        """Send [offset, offset+length) as OFFSET_DATA; False if an error chunk ended the reply.
+
+        ``split`` allows several chunks (not for DF). Large reads of a file go through the
+        connection's reusable buffer, or ``sendfile`` when the server was asked to use it.
+        """
         tx = self.tx
         assert tx is not None
-        fd = backend.read_fd()  # type: ignore[attr-defined]
-        if fd is not None and length >= SENDFILE_MIN:
+        fd = backend.read_fd()
+        if fd is not None and length >= LARGE_READ:
+            if length <= READ_PIECE and not self.server.use_sendfile:
+                return self._read_buffered(req, fd, offset, length, last=last)
             self._queue(tx.data_chunk_header(req, offset, length, done=False))
-            failed_at = self._send_file(fd, offset, length, pad_on_error=True)
+            failed_at = self._stream(fd, offset, length)
             if failed_at is not None:
-                self._queue(tx.error_chunk(req, NbdErrno.EIO, "read failed", failed_at, done=True))
-                self.stats.count_error("EIO")
+                self._queue_read_error(req, OSError(errno.EIO, "read failed"), failed_at)
                 return False
             self.stats.bytes_read += length
             if last:
                 self._queue(tx.done_chunk(req))
             return True
         pos, end = offset, offset + length
+        piece_size = COPY_PIECE if split else length
         while pos < end:
-            piece = min(COPY_PIECE, end - pos)
+            piece = min(piece_size, end - pos)
             try:
-                data = backend.pread(pos, piece)  # type: ignore[attr-defined]
+                data = backend.pread(pos, piece)
             except OSError as exc:
-                good = self._readable_prefix(backend, pos, piece)
+                good = self._readable_prefix(backend, pos, piece) if split else 0
                 if good:
-                    data = backend.pread(pos, good)  # type: ignore[attr-defined]
+                    data = backend.pread(pos, good)
                     self._queue(tx.data_chunk_header(req, pos, good, done=False))
                     self._queue_data(data)
                     self.stats.bytes_read += good
-                errno_ = nbd_errno(exc, req.flags)
-                self._queue(tx.error_chunk(req, errno_, str(exc), pos + good, done=True))
-                self.stats.count_error(errno_.name)
+                self._queue_read_error(req, exc, pos + good)
                 return False
             done = last and pos + piece == end
             self._queue(tx.data_chunk_header(req, pos, piece, done=done))
@@ -650,53 +699,118 @@ class _Connection:
             pos += piece
         return True
 
-    def _readable_prefix(self, backend: object, offset: int, length: int) -> int:
+    def _read_buffered(self, req: wire.Request, fd: int, offset: int, length: int, *,
+                       last: bool) -> bool:
+        """Read into the reusable buffer first, so the chunk can carry DONE when it is last.
+
+        Receivers spend noticeably less CPU on data sent from a plain buffer than on pages
+        sent with sendfile over loopback, and the client shares the machine.
+        """
+        tx = self.tx
+        assert tx is not None
+        view = self._read_view()[:length]
+        try:
+            got = os.preadv(fd, [view], offset)
+        except OSError as exc:
+            self._queue_read_error(req, exc, offset)
+            return False
+        if got < length:  # a short file: send what exists, then say where it ends
+            if got:
+                self._queue(tx.data_chunk_header(req, offset, got, done=False))
+                self._queue(view[:got])
+            self._queue_read_error(
+                req, OSError(errno.EIO, "image file is shorter than the export"), offset + got)
+            self._flush()
+            return False
+        self._queue(tx.data_chunk_header(req, offset, length, done=last))
+        self._queue(view)
+        self._flush()  # the buffer is reused by the next read
+        self.stats.bytes_read += length
+        return True
+
+    def _read_view(self) -> memoryview:
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(READ_PIECE))
+        return self._read_buffer
+
+    def _queue_read_error(self, req: wire.Request, exc: OSError, offset: int) -> None:
+        errno_ = nbd_errno(exc, req.flags)
+        self.stats.count_error(errno_.name)
+        self._queue(self.tx.error_chunk(req, errno_, str(exc), offset, done=True))  # type: ignore[union-attr]
+
+    def _readable_prefix(self, backend: Backend, offset: int, length: int) -> int:
         """How many bytes from ``offset`` read without error, to ERROR_PROBE precision."""
         good, bad = 0, length
         while bad - good > ERROR_PROBE:
             mid = (good + bad) // 2
             try:
-                backend.pread(offset, mid)  # type: ignore[attr-defined]
+                backend.pread(offset, mid)
                 good = mid
             except OSError:
                 bad = mid
         return good
 
-    def _send_file(self, fd: int, offset: int, length: int, *, pad_on_error: bool) -> int | None:
-        """Send bytes of ``fd`` after the queued output; the first failing offset, or None."""
+    def _stream(self, fd: int, offset: int, length: int, *, pad: bool = True) -> int | None:
+        """Send ``length`` bytes of ``fd`` after the queued output.
+
+        On a read failure, with ``pad`` the rest is sent as zeroes (a structured chunk
+        header promised them; an error chunk follows) and the failing offset returned;
+        without it (a simple reply, which cannot carry an error any more) the connection ends.
+        """
         self._flush(more=True)
-        sock_fd = self.sock.fileno()
         pos, end = offset, offset + length
-        failure: OSError | None = None
+        try:
+            pos = self._stream_sendfile(fd, pos, end) if self.server.use_sendfile else (
+                self._stream_copy(fd, pos, end))
+        except _ReadFailed as failure:
+            log.warning("read for %s failed at %d: %s", self.info.peer, failure.at,
+                        failure.__cause__)
+            if not pad:
+                raise _Disconnect(f"read failed at {failure.at} after the reply header") from None
+            self._send_zeroes(end - failure.at)
+            return failure.at
+        return None
+
+    def _stream_sendfile(self, fd: int, pos: int, end: int) -> int:
+        sock_fd = self.sock.fileno()
         while pos < end:
             try:
                 sent = os.sendfile(sock_fd, fd, pos, end - pos)
-            except BlockingIOError:
-                continue
             except OSError as exc:
                 if exc.errno in _SOCKET_ERRNOS:
                     raise _Disconnect(f"connection lost: {exc}") from exc
-                failure = exc
-                break
+                raise _ReadFailed(pos) from exc
             if sent == 0:
-                failure = OSError(errno.EIO, "image file is shorter than the export")
-                break
+                raise _ReadFailed(pos) from OSError(errno.EIO, "image file is short")
             pos += sent
-        if failure is None:
-            return None
-        if not pad_on_error:
-            raise _Disconnect(f"read failed after the reply header was sent: {failure}")
-        log.warning("read of %s failed at %d: %s", self.info.peer, pos, failure)
-        zeroes = bytes(min(end - pos, 1 << 20))
-        at = pos
+        return pos
+
+    def _stream_copy(self, fd: int, pos: int, end: int) -> int:
+        buffer = self._read_view()
+        while pos < end:
+            view = buffer[: min(len(buffer), end - pos)]
+            try:
+                got = os.preadv(fd, [view], pos)
+            except OSError as exc:
+                raise _ReadFailed(pos) from exc
+            if got == 0:
+                raise _ReadFailed(pos) from OSError(errno.EIO, "image file is short")
+            try:
+                self.sock.sendall(view[:got])
+            except OSError as exc:
+                raise _Disconnect(f"connection lost: {exc}") from exc
+            pos += got
+        return pos
+
+    def _send_zeroes(self, count: int) -> None:
+        zeroes = memoryview(bytes(min(count, READ_PIECE)))
         try:
-            while at < end:
-                n = min(len(zeroes), end - at)
-                self.sock.sendall(memoryview(zeroes)[:n])
-                at += n
+            while count:
+                n = min(len(zeroes), count)
+                self.sock.sendall(zeroes[:n])
+                count -= n
         except OSError as exc:
             raise _Disconnect(f"connection lost: {exc}") from exc
-        return pos
 
     # ------------------------------------------------------------ replies
 
@@ -735,6 +849,9 @@ class _Connection:
                     continue
                 _drop_sent(out, sent)
             self._out_bytes = 0
+        if self._lent_buffers:
+            self._free_buffers += self._lent_buffers
+            self._lent_buffers.clear()
         if self._timed:
             now = time.perf_counter_ns()
             record = self.stats.record_latency
@@ -744,18 +861,31 @@ class _Connection:
 
     # ------------------------------------------------------------ offloaded jobs
 
-    def _offload(self, req: wire.Request, t0: int, action: Callable[[], None]) -> None:
-        """Run a slow ``action`` in the pool; its reply is sent when it completes."""
+    def _submit(self, job: Callable[[], _Done]) -> None:
+        """Run ``job`` in the pool; the reply it returns is sent when it completes."""
         if self._efd < 0:
             self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         while self._pending >= MAX_OFFLOADED:
             self._wait_done()
         self._pending += 1
+
+        def run() -> None:
+            self._done.append(job())
+            with self._closed_lock:
+                if not self._closed:
+                    os.eventfd_write(self._efd, 1)
+
+        try:
+            self.server.pool.submit(run)
+        except RuntimeError:  # pool shut down: run it here rather than lose the reply
+            run()
+
+    def _offload(self, req: wire.Request, t0: int, action: Callable[[], None]) -> None:
+        """A slow ``action`` (a sync) whose reply is a plain success or error."""
         tx = self.tx
         assert tx is not None
 
-        def job() -> None:
-            error: CommandError | None = None
+        def job() -> _Done:
             try:
                 action()
             except OSError as exc:
@@ -763,26 +893,59 @@ class _Connection:
             except Exception as exc:
                 log.exception("%s failed for %s", command_name(req.cmd), self.info.peer)
                 error = BackendFailure(str(exc), NbdErrno.EIO)
-            if error is None:
-                self._done.append((tx.reply_ok(req), t0, None))
             else:
-                self._done.append((tx.reply_error(req, error), t0, error.errno.name))
-            with self._closed_lock:
-                if not self._closed:
-                    os.eventfd_write(self._efd, 1)
+                return _Done([tx.reply_ok(req)], t0)
+            return _Done([tx.reply_error(req, error)], t0, error_name=error.errno.name)
 
-        try:
-            self.server.pool.submit(job)
-        except RuntimeError:  # pool shut down: run it here rather than lose the reply
-            job()
+        self._submit(job)
+
+    def _offload_read(self, req: wire.Request, t0: int, fd: int) -> bool:
+        """Read a large single-piece range in the pool while this thread keeps sending.
+
+        Copying from the page cache and copying into the socket then run on both cores.
+        False when every read buffer is busy: the caller reads inline instead.
+        """
+        if not self._free_buffers:
+            if self._buffers_made >= READ_BUFFERS:
+                return False
+            self._free_buffers.append(memoryview(bytearray(READ_PIECE)))
+            self._buffers_made += 1
+        buffer = self._free_buffers.pop()
+        tx = self.tx
+        assert tx is not None
+        structured = tx.structured
+
+        def job() -> _Done:
+            view = buffer[: req.length]
+            try:
+                got = os.preadv(fd, [view], req.offset)
+                if got < req.length:
+                    raise OSError(errno.EIO, "image file is shorter than the export")
+            except OSError as exc:
+                error = BackendFailure(str(exc), nbd_errno(exc, req.flags), offset=req.offset)
+                parts: list[bytes | memoryview] = [tx.reply_error(req, error)]
+                return _Done(parts, t0, error_name=error.errno.name, buffer=buffer)
+            if structured:
+                head = tx.data_chunk_header(req, req.offset, req.length, done=True)
+            else:
+                head = tx.read_simple_header(req)
+            return _Done([head, view], t0, bytes_read=req.length, buffer=buffer)
+
+        self._submit(job)
+        return True
 
     def _collect_done(self) -> None:
         while self._done:
-            reply, t0, error_name = self._done.popleft()
+            done = self._done.popleft()
             self._pending -= 1
-            if error_name:
-                self.stats.count_error(error_name)
-            self._queue(reply, t0)
+            if done.error_name:
+                self.stats.count_error(done.error_name)
+            self.stats.bytes_read += done.bytes_read
+            for part in done.parts:
+                self._queue(part)
+            self._timed.append(done.t0)
+            if done.buffer is not None:
+                self._lent_buffers.append(done.buffer)  # free again once sent
 
     def _wait_done(self) -> None:
         """Block until at least one offloaded job finished, and queue its reply."""
@@ -804,6 +967,27 @@ class _Connection:
             self._flush()
         except _Disconnect:
             pass
+
+
+class _Done:
+    """A finished pool job: reply parts to send, and what to account once they are queued."""
+
+    __slots__ = ("buffer", "bytes_read", "error_name", "parts", "t0")
+
+    def __init__(
+        self,
+        parts: list[bytes | memoryview],
+        t0: int,
+        *,
+        error_name: str | None = None,
+        bytes_read: int = 0,
+        buffer: memoryview | None = None,
+    ) -> None:
+        self.parts = parts
+        self.t0 = t0
+        self.error_name = error_name
+        self.bytes_read = bytes_read
+        self.buffer = buffer
 
 
 def _drop_sent(out: list[bytes | memoryview], sent: int) -> None:
