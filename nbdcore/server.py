@@ -917,13 +917,18 @@ class _Connection:
 
         def job() -> _Done:
             view = buffer[: req.length]
+            parts: list[bytes | memoryview] = []
             try:
                 got = os.preadv(fd, [view], req.offset)
                 if got < req.length:
+                    if got and structured:  # what exists is good data; say where it ends
+                        parts += [tx.data_chunk_header(req, req.offset, got, done=False),
+                                  view[:got]]
                     raise OSError(errno.EIO, "image file is shorter than the export")
             except OSError as exc:
-                error = BackendFailure(str(exc), nbd_errno(exc, req.flags), offset=req.offset)
-                parts: list[bytes | memoryview] = [tx.reply_error(req, error)]
+                at = req.offset + (len(parts[-1]) if parts else 0)
+                error = BackendFailure(str(exc), nbd_errno(exc, req.flags), offset=at)
+                parts.append(tx.reply_error(req, error))
                 return _Done(parts, t0, error_name=error.errno.name, buffer=buffer)
             if structured:
                 head = tx.data_chunk_header(req, req.offset, req.length, done=True)
