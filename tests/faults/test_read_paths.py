@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from nbdclient import NbdClient, ServerClosed, pattern
 
 from nbdcore.backends import SparseFile
 from nbdcore.exports import Export, ExportRegistry
 from nbdcore.protocol.constants import NbdErrno, ReplyType
-from nbdclient import NbdClient, ServerClosed, pattern
 
 MiB = 1 << 20
 SIZE = 8 * MiB
