@@ -141,6 +141,18 @@ class NbdServer:
         with self._lock:
             return [c.info for c in self._connections.values()]
 
+    def close_connections(self, predicate: Callable[[ConnectionInfo], bool]) -> int:
+        """Hard-disconnect every client for which ``predicate(info)`` is true.
+
+        For an export that was removed, disabled or re-published with another policy:
+        its clients reconnect and negotiate again; other exports' clients are untouched.
+        """
+        with self._lock:
+            doomed = [c for c in self._connections.values() if predicate(c.info)]
+        for conn in doomed:
+            conn.abort()
+        return len(doomed)
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let connections finish the requests they received, then close."""
         self._stopping.set()
