@@ -141,6 +141,12 @@ class NbdServer:
         with self._lock:
             return [c.info for c in self._connections.values()]
 
+    def exports_in_use(self) -> list[Export]:
+        """The Export objects that connected clients are using (a retired export's backend
+        may be closed only once it is no longer among them)."""
+        with self._lock:
+            return [c.export for c in self._connections.values() if c.export is not None]
+
     def close_connections(self, predicate: Callable[[ConnectionInfo], bool]) -> int:
         """Hard-disconnect every client for which ``predicate(info)`` is true.
 

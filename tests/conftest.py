@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures of the appliance's tests (tests/appliance, tests/api). Those directories have no
+# conftest.py of their own: a second module named "conftest" would shadow this one for the
+# engine's tests, which import helpers from it.
+pytest_plugins = ["appliance_testing"]
+
 ROOT = Path(__file__).resolve().parent.parent
 # Debian's python3-libnbd binds only Debian's own interpreter.
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -1,0 +1,95 @@
+"""Query filters of the list endpoints (django-filter)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import django_filters as filters
+from django.db import models
+from django.db.models import Q, QuerySet
+
+from appliance.exports.models import Export, TlsPolicy
+from appliance.sessions.models import FEATURES, ClientSession, Fingerprint
+from appliance.storage.models import Image
+
+
+class StrictBooleanFilter(filters.ChoiceFilter):
+    """``true``/``false`` (or ``1``/``0``); anything else is a 400 naming the parameter,
+    where django-filter's own boolean filter would silently ignore it."""
+
+    TRUE = ("true", "1")
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("choices", [(v, v) for v in ("true", "false", "1", "0")])
+        super().__init__(*args, **kwargs)
+
+    def filter(self, qs: QuerySet, value: str) -> QuerySet:  # (a ``method`` replaces this)
+        if value in ("", None):
+            return qs
+        return qs.filter(**{self.field_name: value in self.TRUE})
+
+
+_STRICT_BOOLEANS = {models.BooleanField: {"filter_class": StrictBooleanFilter}}
+
+
+class ImageFilter(filters.FilterSet):
+    class Meta:
+        model = Image
+        fields = {"name": ["exact", "icontains"], "cloned_from": ["exact"]}
+
+
+class ExportFilter(filters.FilterSet):
+    tls_policy = filters.ChoiceFilter(choices=TlsPolicy.choices)
+
+    class Meta:
+        model = Export
+        fields = {
+            "name": ["exact", "icontains"],
+            "image": ["exact"],
+            "enabled": ["exact"],
+            "read_only": ["exact"],
+            "multi_conn": ["exact"],
+            "node": ["exact"],
+        }
+        filter_overrides = _STRICT_BOOLEANS
+
+
+class ClientSessionFilter(filters.FilterSet):
+    export = filters.ModelChoiceFilter(queryset=Export.objects.all(), help_text="export id")
+    export_name = filters.CharFilter(help_text="export name as the client asked for it")
+    peer = filters.CharFilter(
+        method="filter_peer", help_text="client address (any port), or address:port exactly"
+    )
+    fingerprint = filters.MultipleChoiceFilter(
+        choices=Fingerprint.choices, help_text="guessed client program; repeat for several"
+    )
+    since = filters.IsoDateTimeFilter(
+        field_name="connected_at", lookup_expr="gte", help_text="connected at or after"
+    )
+    until = filters.IsoDateTimeFilter(
+        field_name="connected_at", lookup_expr="lt", help_text="connected before"
+    )
+    active = StrictBooleanFilter(method="filter_active", help_text="still connected")
+    feature = filters.MultipleChoiceFilter(
+        choices=[(name, name) for name in FEATURES],
+        method="filter_feature",
+        help_text="negotiated this feature; repeat to require several",
+    )
+
+    class Meta:
+        model = ClientSession
+        fields = ["node", "via", *FEATURES]
+        filter_overrides = _STRICT_BOOLEANS
+
+    def filter_peer(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        try:
+            address = ipaddress.ip_address(value.strip("[]"))
+        except ValueError:
+            return queryset.filter(peer=value)
+        return queryset.filter(Q(peer_address=str(address)))
+
+    def filter_active(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        return queryset.filter(disconnected_at__isnull=value in StrictBooleanFilter.TRUE)
+
+    def filter_feature(self, queryset: QuerySet, name: str, value: list[str]) -> QuerySet:
+        return queryset.filter(**dict.fromkeys(value, True)) if value else queryset

@@ -1,0 +1,24 @@
+"""/api/v1/: one router; a trailing slash is optional everywhere."""
+
+from django.urls import re_path
+from rest_framework.routers import DefaultRouter
+
+from .views import (
+    ClientSessionViewSet,
+    ExportViewSet,
+    FeatureStatsView,
+    ImageViewSet,
+    TokenView,
+)
+
+router = DefaultRouter()
+router.trailing_slash = "/?"  # the constructor only knows "/" or ""
+router.register("images", ImageViewSet, basename="image")
+router.register("exports", ExportViewSet, basename="export")
+router.register("sessions", ClientSessionViewSet, basename="session")
+
+urlpatterns = [
+    re_path(r"^auth/token/?$", TokenView.as_view(), name="auth-token"),
+    re_path(r"^stats/features/?$", FeatureStatsView.as_view(), name="stats-features"),
+    *router.urls,
+]

@@ -1,0 +1,119 @@
+"""Settings helpers: environment parsing with working local defaults.
+
+Kept apart from ``settings.py`` so they can be tested without reloading Django's settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+__all__ = ["database_from_url", "env_bool", "env_size", "parse_size", "secret_key"]
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """``"64T"``, ``"1 GiB"``, ``"4096"`` -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use bytes, or a number with K, M, G, T or P)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def env_size(name: str, default: str) -> int:
+    return parse_size(os.environ.get(name) or default)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def secret_key(var_dir: Path) -> str:
+    """``DJANGO_SECRET_KEY`` if set, else a key generated once and kept in ``var/secret_key``.
+
+    The file is created with mode 0600 and published with ``link()``, so two processes
+    starting at once agree on one key.
+    """
+    from_env = os.environ.get("DJANGO_SECRET_KEY")
+    if from_env:
+        return from_env
+    path = var_dir / "secret_key"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    var_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    tmp = var_dir / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_text().strip()  # another process published its key first
+        return key
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def database_from_url(url: str | None, *, default_sqlite: Path) -> dict[str, Any]:
+    """A ``DATABASES["default"]`` entry from ``DATABASE_URL``.
+
+    Unset or empty: SQLite at ``default_sqlite``. ``postgres://`` / ``postgresql://``
+    (``user:password@host:port/name?sslmode=...``): PostgreSQL through psycopg 3.
+    ``sqlite:///relative.db`` or ``sqlite:////absolute.db``: SQLite at that path.
+    """
+    if not url:
+        return _sqlite(default_sqlite)
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    if scheme in {"postgres", "postgresql", "pgsql"}:
+        name = unquote(parts.path.lstrip("/"))
+        if not name:
+            raise ValueError(f"DATABASE_URL names no database: {url!r}")
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": name,
+            "USER": unquote(parts.username or ""),
+            "PASSWORD": unquote(parts.password or ""),
+            "HOST": parts.hostname or "",
+            "PORT": str(parts.port or ""),
+            "OPTIONS": dict(parse_qsl(parts.query)),
+            "CONN_MAX_AGE": 60,
+            "CONN_HEALTH_CHECKS": True,
+        }
+    if scheme == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path:
+            raise ValueError(f"DATABASE_URL names no SQLite file: {url!r}")
+        return _sqlite(Path(unquote(path)))
+    raise ValueError(f"DATABASE_URL scheme {parts.scheme!r} is not supported (postgresql, sqlite)")
+
+
+def _sqlite(path: Path) -> dict[str, Any]:
+    return {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": path,
+        # The web process and the engine worker write sessions concurrently: take the write
+        # lock at BEGIN (no upgrade deadlocks), wait for it, and let readers run beside it.
+        "OPTIONS": {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+    }

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from appliance.storage.models import Image
+
+from .validators import (
+    EXPORT_NAME_MAX,
+    validate_allowed_networks,
+    validate_export_name,
+    validate_node_name,
+)
+
+
+class TlsPolicy(models.TextChoices):
+    OFF = "off", "off (plain NBD)"
+    OPTIONAL = "optional", "optional (STARTTLS offered)"
+    REQUIRED = "required", "required (plain connections refused)"
+
+
+def default_node() -> str:
+    return settings.APPLIANCE_NODE_NAME
+
+
+class Export(models.Model):
+    """An image published under an NBD export name, with its access policy."""
+
+    name = models.CharField(max_length=EXPORT_NAME_MAX, validators=[validate_export_name])
+    image = models.ForeignKey(Image, on_delete=models.PROTECT, related_name="exports")
+    description = models.CharField(max_length=1024, blank=True, default="")
+    read_only = models.BooleanField(default=False)
+    enabled = models.BooleanField(default=True)
+    allowed_networks = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_allowed_networks],
+        help_text="CIDR networks whose clients may connect; empty allows every client",
+    )
+    multi_conn = models.BooleanField(default=True)
+    tls_policy = models.CharField(max_length=8, choices=TlsPolicy.choices, default=TlsPolicy.OFF)
+    node = models.CharField(
+        max_length=253,
+        default=default_node,
+        validators=[validate_node_name],
+        help_text="host whose engine serves this export",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["name"], name="exports_export_name_unique"),
+            models.CheckConstraint(
+                condition=models.Q(tls_policy__in=TlsPolicy.values),
+                name="exports_export_tls_policy_valid",
+            ),
+        ]
+        indexes = [models.Index(fields=["node", "enabled"], name="exports_node_enabled_idx")]
+
+    def __str__(self) -> str:
+        return self.name

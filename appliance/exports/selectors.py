@@ -1,0 +1,42 @@
+"""Reads about exports, for the API now and the engine worker later."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from django.db.models import Count, Q, QuerySet
+
+from .models import Export
+
+
+def export_list() -> QuerySet[Export]:
+    # Explicit order: Meta.ordering is not applied to aggregating querysets.
+    return (
+        Export.objects.select_related("image")
+        .annotate(
+            active_sessions=Count("sessions", filter=Q(sessions__disconnected_at__isnull=True))
+        )
+        .order_by("name")
+    )
+
+
+def export_list_enabled(*, node: str) -> QuerySet[Export]:
+    """What the engine on ``node`` should be serving."""
+    return Export.objects.select_related("image").filter(node=node, enabled=True)
+
+
+def export_allows_client(export: Export, address: str) -> bool:
+    """Whether a client at ``address`` may use the export (an empty list allows all)."""
+    if not export.allowed_networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    for text in export.allowed_networks:
+        network = ipaddress.ip_network(text)
+        if ip.version == network.version and ip in network:
+            return True
+        if ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped in network:
+            return True
+    return False

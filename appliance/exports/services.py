@@ -1,0 +1,109 @@
+"""Export services: publish an image under an NBD name, change its policy, withdraw it.
+
+The engine side (issue 4) converges on these rows; a service here only changes the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+
+from appliance.errors import ExportNameTaken
+from appliance.storage.models import Image
+
+from .models import Export, TlsPolicy
+from .validators import normalize_networks
+
+__all__ = ["export_delete", "export_publish", "export_update"]
+
+log = logging.getLogger(__name__)
+
+_UPDATABLE = frozenset(
+    {
+        "name",
+        "image",
+        "description",
+        "read_only",
+        "enabled",
+        "allowed_networks",
+        "multi_conn",
+        "tls_policy",
+        "node",
+    }
+)
+
+
+def export_publish(
+    *,
+    image: Image,
+    name: str,
+    description: str = "",
+    read_only: bool = False,
+    enabled: bool = True,
+    allowed_networks: Iterable[str] = (),
+    multi_conn: bool = True,
+    tls_policy: str = TlsPolicy.OFF,
+    node: str | None = None,
+) -> Export:
+    export = Export(
+        image=image,
+        name=name,
+        description=description,
+        read_only=read_only,
+        enabled=enabled,
+        allowed_networks=_networks(allowed_networks),
+        multi_conn=multi_conn,
+        tls_policy=tls_policy,
+    )
+    if node is not None:
+        export.node = node
+    _save(export, force_insert=True)
+    log.info("published image %s as export %s on %s", image.name, name, export.node)
+    return export
+
+
+def export_update(*, export: Export, **changes: Any) -> Export:
+    """Change some of an export's fields (those ``export_publish`` takes)."""
+    unknown = set(changes) - _UPDATABLE
+    if unknown:
+        raise TypeError(f"export_update() got unexpected fields: {', '.join(sorted(unknown))}")
+    if "allowed_networks" in changes:
+        changes["allowed_networks"] = _networks(changes["allowed_networks"])
+    for field, value in changes.items():
+        setattr(export, field, value)
+    _save(export)
+    return export
+
+
+def export_delete(*, export: Export) -> None:
+    name = export.name
+    export.delete()
+    log.info("withdrew export %s", name)
+
+
+def _networks(value: object) -> list[str]:
+    if not isinstance(value, str | bytes | list | tuple):
+        value = list(value)  # type: ignore[call-overload]
+    try:
+        return normalize_networks(value)
+    except ValidationError as exc:
+        raise ValidationError({"allowed_networks": exc.messages}) from exc
+
+
+def _save(export: Export, *, force_insert: bool = False) -> None:
+    export.full_clean(validate_unique=False, validate_constraints=False)
+    try:
+        with transaction.atomic():
+            export.save(force_insert=force_insert)
+    except IntegrityError as exc:
+        other = Export.objects.filter(name=export.name).exclude(pk=export.pk).first()
+        if other is not None:
+            raise ExportNameTaken(
+                f"export name {export.name!r} is already taken by the export of image "
+                f"{other.image.name!r}; choose another name"
+            ) from exc
+        raise

@@ -1,0 +1,28 @@
+"""Client sessions in the Django admin: recorded by the engine, so read-only here."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from .models import FEATURES, ClientSession
+
+
+@admin.register(ClientSession)
+class ClientSessionAdmin(admin.ModelAdmin):
+    list_display = ["peer", "export_name", "fingerprint", "connected_at", "disconnected_at",
+                    "structured_replies", "extended_headers", "bytes_read", "bytes_written"]
+    list_filter = ["fingerprint", "node", *FEATURES]
+    search_fields = ["peer", "export_name", "close_reason"]
+    date_hierarchy = "connected_at"
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ClientSession | None = None
+    ) -> list[str]:
+        return [f.name for f in ClientSession._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ClientSession | None = None) -> bool:
+        return False

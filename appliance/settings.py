@@ -1,0 +1,169 @@
+"""Django settings for the appliance: everything from the environment, with local defaults.
+
+DJANGO_SECRET_KEY          signing key (default: generated once, kept in var/secret_key)
+DJANGO_DEBUG               Django's debug pages (default off)
+DJANGO_ALLOWED_HOSTS       comma-separated (default 127.0.0.1,localhost)
+APPLIANCE_VAR_DIR          SQLite database, secret key, images (default ./var)
+DATABASE_URL               postgresql://user:pw@host:port/name (default SQLite in var/)
+STORAGE_ROOT               where image files live (default var/images)
+REDIS_URL                  live metrics and the Celery broker (default redis://127.0.0.1:6379/0)
+APPLIANCE_PROVISION_QUOTA  sum of the virtual sizes of all images (default 64T)
+APPLIANCE_IMAGE_MAX_SIZE   largest single image (default 16T; APPLIANCE_IMAGE_MIN_SIZE 1M)
+APPLIANCE_STORAGE_RESERVE  free space never given to images (default 1G)
+APPLIANCE_NODE_NAME        node that serves new exports (default: the host name)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from .config import database_from_url, env_bool, env_size, secret_key
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("APPLIANCE_VAR_DIR") or BASE_DIR / "var")
+
+SECRET_KEY = secret_key(VAR_DIR)
+DEBUG = env_bool("DJANGO_DEBUG")
+ALLOWED_HOSTS = [
+    h.strip()
+    for h in (os.environ.get("DJANGO_ALLOWED_HOSTS") or "127.0.0.1,localhost").split(",")
+    if h.strip()
+]
+CSRF_TRUSTED_ORIGINS = [
+    o.strip() for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
+]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "appliance.storage",
+    "appliance.exports",
+    "appliance.sessions.apps.ClientSessionsConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "appliance.urls"
+WSGI_APPLICATION = "appliance.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": database_from_url(
+        os.environ.get("DATABASE_URL"), default_sqlite=VAR_DIR / "appliance.sqlite3"
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# Static files (admin, browsable API, Swagger UI from drf-spectacular-sidecar) are served by
+# WhiteNoise straight from the installed apps: no CDN, no collectstatic needed to run.
+# Set DJANGO_STATIC_ROOT to collect them somewhere for a front web server instead.
+STATIC_URL = "static/"
+STATIC_ROOT = os.environ.get("DJANGO_STATIC_ROOT") or None
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+
+# ---------------------------------------------------------------- the appliance itself
+
+STORAGE_ROOT = Path(os.environ.get("STORAGE_ROOT") or VAR_DIR / "images")
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+APPLIANCE_NODE_NAME = os.environ.get("APPLIANCE_NODE_NAME") or socket.gethostname()
+APPLIANCE_PROVISION_QUOTA = env_size("APPLIANCE_PROVISION_QUOTA", "64T")
+APPLIANCE_IMAGE_MIN_SIZE = env_size("APPLIANCE_IMAGE_MIN_SIZE", "1M")
+APPLIANCE_IMAGE_MAX_SIZE = env_size("APPLIANCE_IMAGE_MAX_SIZE", "16T")
+APPLIANCE_STORAGE_RESERVE = env_size("APPLIANCE_STORAGE_RESERVE", "1G")
+
+# ---------------------------------------------------------------- REST API
+
+REST_FRAMEWORK = {
+    # Token first: an unauthenticated request gets 401 with "WWW-Authenticate: Token".
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "appliance.api.pagination.Pagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "appliance.api.exceptions.exception_handler",
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "NBD appliance API",
+    "DESCRIPTION": "Sparse disk images, their NBD exports and the clients that used them.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Only the appliance's own loggers: nbdcore's stay as whoever runs the engine sets them.
+    "loggers": {
+        "appliance": {
+            "handlers": ["console"],
+            "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO"),
+        },
+    },
+}

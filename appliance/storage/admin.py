@@ -1,0 +1,89 @@
+"""Images in the Django admin: every change goes through the storage services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from appliance.errors import ApplianceError, human_size
+
+from .models import Image
+from .services import (
+    image_check_create,
+    image_check_grow,
+    image_create,
+    image_delete,
+    image_grow,
+    image_update,
+)
+
+
+class ImageAdminForm(forms.ModelForm):
+    force_shrink = forms.BooleanField(
+        required=False, help_text="confirm a smaller size: the data past the new end is lost"
+    )
+
+    class Meta:
+        model = Image
+        fields = ["name", "description", "size"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            if self.instance.pk is None:
+                image_check_create(name=data["name"], size=data["size"])
+            elif "size" in self.changed_data:
+                current = Image.objects.get(pk=self.instance.pk)
+                image_check_grow(image=current, size=data["size"], force=data["force_shrink"])
+        except ApplianceError as exc:
+            raise forms.ValidationError({exc.field or "size": exc.message}) from exc
+        return data
+
+
+@admin.register(Image)
+class ImageAdmin(admin.ModelAdmin):
+    form = ImageAdminForm
+    list_display = ["name", "virtual", "allocated", "export_names", "cloned_from", "created_at"]
+    search_fields = ["name", "description"]
+    readonly_fields = ["filename", "cloned_from", "virtual", "allocated", "created_at",
+                       "updated_at"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Image]:
+        return super().get_queryset(request).prefetch_related("exports")
+
+    @admin.display(description="virtual size")
+    def virtual(self, image: Image) -> str:
+        size = image.usage.virtual_size
+        return "file missing" if size is None else human_size(size)
+
+    @admin.display(description="allocated")
+    def allocated(self, image: Image) -> str:
+        size = image.usage.allocated_size
+        return "file missing" if size is None else human_size(size)
+
+    @admin.display(description="exports")
+    def export_names(self, image: Image) -> str:
+        return ", ".join(e.name for e in image.exports.all())
+
+    def save_model(self, request: HttpRequest, obj: Image, form: Any, change: bool) -> None:
+        if not change:
+            created = image_create(name=obj.name, size=obj.size, description=obj.description)
+            for field in Image._meta.concrete_fields:
+                setattr(obj, field.attname, getattr(created, field.attname))
+            return
+        image_update(image=obj, name=obj.name, description=obj.description)
+        if "size" in form.changed_data:
+            image_grow(image=obj, size=obj.size, force=form.cleaned_data["force_shrink"])
+
+    def delete_model(self, request: HttpRequest, obj: Image) -> None:
+        image_delete(image=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Image]) -> None:
+        for image in queryset:
+            image_delete(image=image)

@@ -1,0 +1,15 @@
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/api/v1/", permanent=False)),
+    path("admin/", admin.site.urls),
+    path("api/v1/", include("appliance.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/ui/", SpectacularSwaggerView.as_view(url_name="schema"), name="schema-ui"),
+    path("api/schema/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="schema-redoc"),
+    # Log in and out of the browsable API and the schema UI (session authentication).
+    path("api/auth/", include("rest_framework.urls")),
+]

@@ -1,0 +1,161 @@
+"""Fixtures and helpers of tests/appliance and tests/api (a plugin of tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DATA = Path(__file__).parent / "appliance" / "data"
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+APPLIANCE_TESTS = (Path(__file__).parent / "appliance", Path(__file__).parent / "api")
+
+
+@pytest.fixture(autouse=True)
+def _appliance_settings(request: pytest.FixtureRequest) -> None:
+    """Every appliance or API test gets its own storage root (the engine's tests are left
+    alone: they never touch Django)."""
+    if Path(request.node.path).parent in APPLIANCE_TESTS:
+        request.getfixturevalue("storage_root")
+
+
+@pytest.fixture
+def storage_root(settings: Any, tmp_path: Path) -> Path:
+    """A storage root of the test's own, no free-space reserve and the default quota."""
+    root = tmp_path / "images"
+    settings.STORAGE_ROOT = root
+    settings.APPLIANCE_STORAGE_RESERVE = 0
+    settings.APPLIANCE_PROVISION_QUOTA = 64 << 40
+    settings.APPLIANCE_IMAGE_MIN_SIZE = MiB
+    settings.APPLIANCE_IMAGE_MAX_SIZE = 16 << 40
+    settings.APPLIANCE_NODE_NAME = "node1"
+    return root
+
+
+@pytest.fixture
+def user(db: None) -> Any:
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user("alice", password="correct horse battery")
+
+
+@pytest.fixture
+def api(user: Any) -> Any:
+    """An APIClient authenticated with alice's token."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def anon(db: None) -> Any:
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+def client_records() -> dict[str, list[dict[str, Any]]]:
+    """Negotiation records of real clients (see data/client_records.json)."""
+    return json.loads((DATA / "client_records.json").read_text())["records"]
+
+
+def engine_snapshot(
+    negotiated: dict[str, Any] | None = None,
+    *,
+    connection_id: int = 1,
+    peer: str = "192.0.2.10:40000",
+    opened_at: float | None = None,
+    closed_at: float | None = None,
+    close_reason: str = "",
+    ops: dict[str, int] | None = None,
+    **stats: Any,
+) -> dict[str, Any]:
+    """A ``ConnectionInfo.snapshot()`` made by nbdcore itself, with the given record."""
+    from nbdcore.protocol.constants import Cmd
+    from nbdcore.protocol.handshake import NegotiationRecord, OptionSeen
+    from nbdcore.stats import ConnectionInfo
+
+    info = ConnectionInfo(peer=peer, id=connection_id)
+    info.opened_at = time.time() if opened_at is None else opened_at
+    info.closed_at = closed_at
+    info.close_reason = close_reason
+    if negotiated is not None:
+        fields = dict(negotiated)
+        options = [OptionSeen(**o) for o in fields.pop("options", [])]
+        if fields.get("block_size") is not None:
+            fields["block_size"] = tuple(fields["block_size"])
+        info.record = NegotiationRecord(options=options, **fields)
+    for name, count in (ops or {}).items():
+        info.stats.ops[Cmd[name]] = count
+    for name, value in stats.items():
+        setattr(info.stats, name, value)
+    return info.snapshot()
+
+
+@pytest.fixture
+def make_image(db: None) -> Callable[..., Any]:
+    from appliance.storage.services import image_create
+
+    def factory(name: str = "disk", size: int = 64 * MiB, **kwargs: Any) -> Any:
+        return image_create(name=name, size=size, **kwargs)
+
+    return factory
+
+
+@pytest.fixture
+def make_export(make_image: Callable[..., Any]) -> Callable[..., Any]:
+    from appliance.exports.services import export_publish
+
+    def factory(name: str = "vm1", image: Any = None, **kwargs: Any) -> Any:
+        if image is None:
+            image = make_image(name=f"{name}-disk")
+        return export_publish(image=image, name=name, **kwargs)
+
+    return factory
+
+
+def allocated(path: Path) -> int:
+    """Bytes the file really occupies (st_blocks * 512)."""
+    return path.stat().st_blocks * 512
+
+
+def make_sparse_image(path: Path, size: int, islands: dict[int, bytes] | None = None) -> Path:
+    """A sparse file of ``size`` bytes with data only at the given offsets."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in (islands or {}).items():
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of the file's data extents, from SEEK_DATA/SEEK_HOLE."""
+    size = path.stat().st_size
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end - start))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
