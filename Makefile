@@ -10,12 +10,11 @@ lint:
 	scripts/install-test-deps.sh
 	.venv/bin/ruff check nbdcore tests bench appliance
 
-# The appliance's web side (API, schema UI, admin) on http://127.0.0.1:8000/, with the
-# database migrated first (SQLite under var/ unless DATABASE_URL is set).
+# The whole appliance on this machine: Redis (its own unless REDIS_URL is set), the Celery
+# engine worker serving NBD, Celery beat and gunicorn; prints the URLs, a token and the
+# demo export's nbd:// URI. Ctrl-C stops everything.
 run:
-	scripts/install-test-deps.sh
-	.venv/bin/python manage.py migrate
-	.venv/bin/python manage.py runserver 127.0.0.1:$(or $(PORT),8000)
+	scripts/run.sh
 
 # Side-by-side figures against qemu-nbd and nbdkit (see bench/README in the README).
 bench:

@@ -11,6 +11,10 @@ APPLIANCE_PROVISION_QUOTA  sum of the virtual sizes of all images (default 64T)
 APPLIANCE_IMAGE_MAX_SIZE   largest single image (default 16T; APPLIANCE_IMAGE_MIN_SIZE 1M)
 APPLIANCE_STORAGE_RESERVE  free space never given to images (default 1G)
 APPLIANCE_NODE_NAME        node that serves new exports (default: the host name)
+NBD_BIND, NBD_PORT         where this node's engine listens (default 127.0.0.1, 10809)
+NBD_PUBLIC_HOST            host name clients use in nbd:// URIs (default NBD_BIND)
+APPLIANCE_HISTORY_RETENTION  how long per-export samples are kept (default 7d, in seconds)
+APPLIANCE_METRICS_TOKEN    bearer token Prometheus may use for /metrics (default: none)
 """
 
 from __future__ import annotations
@@ -121,6 +125,25 @@ APPLIANCE_IMAGE_MIN_SIZE = env_size("APPLIANCE_IMAGE_MIN_SIZE", "1M")
 APPLIANCE_IMAGE_MAX_SIZE = env_size("APPLIANCE_IMAGE_MAX_SIZE", "16T")
 APPLIANCE_STORAGE_RESERVE = env_size("APPLIANCE_STORAGE_RESERVE", "1G")
 
+# ---------------------------------------------------------------- engine and Celery
+
+NBD_BIND = os.environ.get("NBD_BIND") or "127.0.0.1"
+NBD_PORT = int(os.environ.get("NBD_PORT") or 10809)
+NBD_PUBLIC_HOST = os.environ.get("NBD_PUBLIC_HOST") or NBD_BIND
+APPLIANCE_HISTORY_RETENTION_S = int(os.environ.get("APPLIANCE_HISTORY_RETENTION") or 7 * 86400)
+APPLIANCE_METRICS_TOKEN = os.environ.get("APPLIANCE_METRICS_TOKEN", "")
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_DEFAULT_QUEUE = "appliance"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = {
+    # The safety net under the on-commit syncs: converge every node, compare heartbeats.
+    "engine-reconcile": {"task": "engine.reconcile", "schedule": 5.0,
+                         "options": {"expires": 10}},
+}
+
 # ---------------------------------------------------------------- REST API
 
 REST_FRAMEWORK = {
@@ -164,6 +187,7 @@ LOGGING = {
         "appliance": {
             "handlers": ["console"],
             "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO"),
+            "propagate": False,
         },
     },
 }

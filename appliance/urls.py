@@ -3,6 +3,8 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from appliance.engine.prometheus import metrics_view
+
 urlpatterns = [
     path("", RedirectView.as_view(url="/api/v1/", permanent=False)),
     path("admin/", admin.site.urls),
@@ -12,4 +14,6 @@ urlpatterns = [
     path("api/schema/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="schema-redoc"),
     # Log in and out of the browsable API and the schema UI (session authentication).
     path("api/auth/", include("rest_framework.urls")),
+    # Prometheus text format; a token, a session or APPLIANCE_METRICS_TOKEN is needed.
+    path("metrics", metrics_view, name="metrics"),
 ]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine, then nothing more:
-# Debian's NBD clients and peers, xfsprogs (a reflink filesystem for the clone test), and
+# Debian's NBD clients and peers, redis-server (the run command and the engine worker
+# tests start their own), xfsprogs (a reflink filesystem for the clone test), and
 # the Python packages in .venv. PostgreSQL is scripts/ensure-postgres.sh's business.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio xfsprogs)
+DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio xfsprogs redis-server)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -9,8 +9,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from appliance.exports.models import Export, TlsPolicy
+from appliance.exports.selectors import export_uri
 from appliance.exports.validators import normalize_networks, validate_export_name
-from appliance.sessions.models import FEATURES, ClientSession, Fingerprint
+from appliance.sessions.models import FEATURES, ClientSession, ExportSample, Fingerprint
 from appliance.storage.models import Image
 from appliance.storage.validators import validate_image_name, validate_image_size
 
@@ -137,6 +138,7 @@ class ExportSerializer(serializers.ModelSerializer):
     )
     tls_policy = serializers.ChoiceField(choices=TlsPolicy.choices, default=TlsPolicy.OFF)
     active_sessions = serializers.SerializerMethodField()
+    uri = serializers.SerializerMethodField(help_text="nbd:// URI clients connect to")
 
     class Meta:
         model = Export
@@ -152,6 +154,7 @@ class ExportSerializer(serializers.ModelSerializer):
             "multi_conn",
             "tls_policy",
             "node",
+            "uri",
             "active_sessions",
             "created_at",
             "updated_at",
@@ -177,6 +180,10 @@ class ExportSerializer(serializers.ModelSerializer):
     def validate_allowed_networks(self, value: list[str]) -> list[str]:
         return normalize_networks(value)
 
+    @extend_schema_field(OpenApiTypes.STR)
+    def get_uri(self, export: Export) -> str:
+        return export_uri(export)
+
     @extend_schema_field(OpenApiTypes.INT)
     def get_active_sessions(self, export: Export) -> int:
         annotated = getattr(export, "active_sessions", None)
@@ -192,6 +199,8 @@ class ClientSessionSerializer(serializers.ModelSerializer):
     active = serializers.BooleanField(read_only=True)
     features = serializers.SerializerMethodField()
     fingerprint = serializers.ChoiceField(choices=Fingerprint.choices, read_only=True)
+    live = serializers.SerializerMethodField(
+        help_text="the engine's counters of this connection now (active sessions only)")
 
     class Meta:
         model = ClientSession
@@ -223,15 +232,35 @@ class ClientSessionSerializer(serializers.ModelSerializer):
             "errors_total",
             "negotiated",
             "stats",
+            "live",
             "updated_at",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_live(self, session: ClientSession) -> dict[str, Any] | None:
+        live: dict[int, dict[str, Any]] = self.context.get("live") or {}
+        return live.get(session.pk)
 
     @extend_schema_field(
         {"type": "object", "properties": {name: {"type": "boolean"} for name in FEATURES}}
     )
     def get_features(self, session: ClientSession) -> dict[str, bool]:
         return {name: getattr(session, name) for name in FEATURES}
+
+
+class ExportHistoryQuerySerializer(serializers.Serializer):
+    seconds = serializers.IntegerField(
+        min_value=10, max_value=366 * 86400, default=3600,
+        help_text="how far back, in seconds (default one hour)")
+
+
+class ExportSampleSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ExportSample
+        fields = ["at", "node", "clients", "sessions", "ops", "bytes_read", "bytes_written",
+                  "hole_bytes", "zero_bytes", "errors", "latency_sum_us", "latency_count"]
+        read_only_fields = fields
 
 
 # ------------------------------------------------------------------ statistics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, parsers, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
@@ -12,9 +13,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from appliance.exports.selectors import export_list
+from appliance.engine.live import export_live, live_by_session, live_sessions, node_status
+from appliance.exports.selectors import export_list, export_uri
 from appliance.exports.services import export_delete, export_publish, export_update
-from appliance.sessions.selectors import session_feature_stats, session_list
+from appliance.sessions.selectors import export_history, session_feature_stats, session_list
 from appliance.storage.models import Image
 from appliance.storage.selectors import image_list, storage_usage
 from appliance.storage.services import (
@@ -31,6 +33,8 @@ from .exceptions import LengthRequired
 from .filters import ClientSessionFilter, ExportFilter, ImageFilter
 from .serializers import (
     ClientSessionSerializer,
+    ExportHistoryQuerySerializer,
+    ExportSampleSerializer,
     ExportSerializer,
     FeatureStatsQuerySerializer,
     FeatureStatsSerializer,
@@ -176,6 +180,28 @@ class ExportViewSet(viewsets.ModelViewSet):
     def perform_destroy(self, instance: Any) -> None:
         export_delete(export=instance)
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @action(detail=True, methods=["get"])
+    def live(self, request: Request, pk: str | None = None) -> Response:
+        """What the engine is doing for this export now: clients, counters, rates."""
+        export = self.get_object()
+        data = export_live(export.name)
+        data.update(export=export.name, uri=export_uri(export), enabled=export.enabled,
+                    engine=node_status(export.node))
+        data["sessions"] = [s for s in live_sessions() if s.get("export") == export.name]
+        return Response(data)
+
+    @extend_schema(parameters=[ExportHistoryQuerySerializer],
+                   responses=ExportSampleSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def history(self, request: Request, pk: str | None = None) -> Response:
+        """Samples of the export's cumulative counters (about every 10 s) for plots."""
+        export = self.get_object()
+        params = ExportHistoryQuerySerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        samples = export_history(export_name=export.name, **params.validated_data)
+        return Response(ExportSampleSerializer(samples, many=True).data)
+
 
 @extend_schema(tags=["sessions"])
 class ClientSessionViewSet(
@@ -189,6 +215,16 @@ class ClientSessionViewSet(
 
     def get_queryset(self) -> Any:
         return session_list()
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        queryset = self.filter_queryset(self.get_queryset())
+        page = self.paginate_queryset(queryset)
+        sessions = list(page if page is not None else queryset)
+        context = {**self.get_serializer_context(), "live": live_by_session(sessions)}
+        data = ClientSessionSerializer(sessions, many=True, context=context).data
+        if page is not None:
+            return self.get_paginated_response(data)
+        return Response(data)
 
 
 @extend_schema(tags=["stats"])

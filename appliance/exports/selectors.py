@@ -40,3 +40,16 @@ def export_allows_client(export: Export, address: str) -> bool:
         if ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped in network:
             return True
     return False
+
+
+def export_uri(export: Export) -> str:
+    """The nbd:// URI of an export, naming the host and port its node's engine listens on."""
+    from urllib.parse import quote
+
+    from django.conf import settings
+
+    host = settings.NBD_PUBLIC_HOST
+    if ":" in host:
+        host = f"[{host}]"
+    port = "" if settings.NBD_PORT == 10809 else f":{settings.NBD_PORT}"
+    return f"nbd://{host}{port}/{quote(export.name, safe='')}"

@@ -12,6 +12,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
+from appliance.engine.control import sync_on_commit
 from appliance.errors import ExportNameTaken
 from appliance.storage.models import Image
 
@@ -62,6 +63,7 @@ def export_publish(
     if node is not None:
         export.node = node
     _save(export, force_insert=True)
+    sync_on_commit(export.node)
     log.info("published image %s as export %s on %s", image.name, name, export.node)
     return export
 
@@ -73,15 +75,18 @@ def export_update(*, export: Export, **changes: Any) -> Export:
         raise TypeError(f"export_update() got unexpected fields: {', '.join(sorted(unknown))}")
     if "allowed_networks" in changes:
         changes["allowed_networks"] = _networks(changes["allowed_networks"])
+    old_node = export.node
     for field, value in changes.items():
         setattr(export, field, value)
     _save(export)
+    sync_on_commit(old_node, export.node)
     return export
 
 
 def export_delete(*, export: Export) -> None:
-    name = export.name
+    name, node = export.name, export.node
     export.delete()
+    sync_on_commit(node)
     log.info("withdrew export %s", name)
 
 

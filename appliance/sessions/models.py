@@ -113,3 +113,33 @@ class ClientSession(models.Model):
     @property
     def active(self) -> bool:
         return self.disconnected_at is None
+
+
+class ExportSample(models.Model):
+    """Cumulative counters of one export at one moment, written by the engine every ~10 s.
+
+    Rates for plots are differences between neighbouring samples; the reconcile task
+    prunes samples older than APPLIANCE_HISTORY_RETENTION.
+    """
+
+    export_name = models.CharField(max_length=4096)
+    node = models.CharField(max_length=253)
+    at = models.DateTimeField()
+    clients = models.PositiveIntegerField(default=0)
+    sessions = models.BigIntegerField(default=0, help_text="connections ended so far")
+    ops = models.BigIntegerField(default=0)
+    bytes_read = models.BigIntegerField(default=0)
+    bytes_written = models.BigIntegerField(default=0)
+    hole_bytes = models.BigIntegerField(default=0)
+    zero_bytes = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+    latency_sum_us = models.BigIntegerField(default=0)
+    latency_count = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["export_name", "at"]
+        indexes = [models.Index(fields=["export_name", "at"], name="esample_export_at_idx"),
+                   models.Index(fields=["at"], name="esample_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.export_name} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
 
-from .models import FEATURES, ClientSession
+from .models import FEATURES, ClientSession, ExportSample
 
 
 def session_list() -> QuerySet[ClientSession]:
@@ -70,3 +71,9 @@ def _shares(counts: dict[str, int], total: int) -> dict[str, dict[str, Any]]:
         name: {"sessions": counts[name], "share": round(counts[name] / total, 4) if total else None}
         for name in FEATURES
     }
+
+
+def export_history(*, export_name: str, seconds: int = 3600) -> QuerySet[ExportSample]:
+    """The export's history samples of the last ``seconds``, oldest first."""
+    since = timezone.now() - timedelta(seconds=seconds)
+    return ExportSample.objects.filter(export_name=export_name, at__gte=since).order_by("at")

@@ -23,9 +23,15 @@ from appliance.errors import InvalidEngineSnapshot
 from appliance.exports.models import Export
 
 from .fingerprint import guess_fingerprint, negotiation_signature
-from .models import ClientSession, Fingerprint
+from .models import ClientSession, ExportSample, Fingerprint
 
-__all__ = ["MULTI_CONN_WINDOW", "parse_peer", "session_record_from_engine"]
+__all__ = [
+    "MULTI_CONN_WINDOW",
+    "export_sample_prune",
+    "export_sample_record",
+    "parse_peer",
+    "session_record_from_engine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -221,3 +227,32 @@ def _fields_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         "zero_bytes": _count(stats, "zero_bytes"),
         "errors_total": sum(_count(errors, k) for k in errors),
     }
+
+
+def export_sample_record(
+    *, export_name: str, node: str, totals: Mapping[str, Any], at: float
+) -> ExportSample:
+    """Store one history sample from the engine's per-export totals (EngineMetrics)."""
+    latency = totals.get("latency_counts") or []
+    return ExportSample.objects.create(
+        export_name=export_name,
+        node=node,
+        at=datetime.fromtimestamp(at, tz=UTC),
+        clients=int(totals.get("clients", 0)),
+        sessions=int(totals.get("sessions", 0)),
+        ops=sum(int(n) for n in (totals.get("ops") or {}).values()),
+        bytes_read=int(totals.get("bytes_read", 0)),
+        bytes_written=int(totals.get("bytes_written", 0)),
+        hole_bytes=int(totals.get("hole_bytes", 0)),
+        zero_bytes=int(totals.get("zero_bytes", 0)),
+        errors=sum(int(n) for n in (totals.get("errors") or {}).values()),
+        latency_sum_us=int(totals.get("latency_sum_us", 0)),
+        latency_count=sum(int(n) for n in latency),
+    )
+
+
+def export_sample_prune(*, older_than_s: int) -> int:
+    """Delete history samples past the retention; returns how many went."""
+    cutoff = datetime.now(tz=UTC) - timedelta(seconds=older_than_s)
+    deleted, _ = ExportSample.objects.filter(at__lt=cutoff).delete()
+    return deleted

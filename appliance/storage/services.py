@@ -27,6 +27,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError, Sum
 
+from appliance.engine.control import sync_on_commit
 from appliance.errors import (
     ImageFileMissing,
     ImageInUse,
@@ -282,6 +283,8 @@ def image_grow(*, image: Image, size: int, force: bool = False) -> Image:
             raise _os_error(exc, size=size, action="resizing the image") from exc
         locked.size = size
         locked.save(update_fields=["size", "updated_at"])
+        # Engines serving it re-open the file to advertise the new size.
+        sync_on_commit(*locked.exports.values_list("node", flat=True))
     log.info("resized image %s from %d to %d bytes", locked.name, current, size)
     image.size, image.updated_at = locked.size, locked.updated_at
     return locked

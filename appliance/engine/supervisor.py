@@ -1,0 +1,151 @@
+"""The engine worker owns its node's engine process: started with the worker, restarted
+when it dies or stops beating, drained when the worker stops.
+
+This is a Celery worker bootstep rather than a task on purpose: a forever-running task
+could be redelivered after a broker visibility timeout and start a second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EngineSupervisor:
+    def __init__(
+        self,
+        *,
+        node: str,
+        bind: str,
+        port: int,
+        redis_url: str,
+        stale_after_s: float = 10.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self.node = node
+        self.bind = bind
+        self.port = port
+        self.redis_url = redis_url
+        self.stale_after_s = stale_after_s
+        self.drain_timeout_s = drain_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._started_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "appliance.engine.runner", "--node", self.node,
+                "--bind", self.bind, "--port", str(self.port), "--redis-url", self.redis_url]
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._watch, name="engine-supervisor",
+                                        daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(self.command())
+        self._started_at = time.monotonic()
+        log.info("engine for node %s started (pid %d)", self.node, self.proc.pid)
+
+    def _watch(self) -> None:
+        backoff = 0.5
+        while not self._stop.wait(0.5):
+            assert self.proc is not None
+            code = self.proc.poll()
+            if code is None and not self._beat_is_stale():
+                backoff = 0.5
+                continue
+            if code is None:
+                log.error("engine pid %d stopped beating; killing it", self.proc.pid)
+                self.proc.kill()
+                self.proc.wait()
+            else:
+                log.error("engine pid %d exited with %s; restarting", self.proc.pid, code)
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 10.0)
+            self.restarts += 1
+            self._spawn()
+
+    def _beat_is_stale(self) -> bool:
+        """True when the engine has run long enough to beat but its heartbeat is old."""
+        if time.monotonic() - self._started_at < self.stale_after_s:
+            return False
+        from . import mailbox
+
+        try:
+            beat = mailbox.read_heartbeat(mailbox.connect(self.redis_url), self.node)
+        except Exception:
+            return False  # Redis away: that is not the engine's fault
+        if beat is None or self.proc is None:
+            return beat is None
+        if beat.get("pid") != self.proc.pid:
+            return time.monotonic() - self._started_at > 2 * self.stale_after_s
+        return time.time() - float(beat.get("at", 0)) > self.stale_after_s
+
+    def stop(self) -> None:
+        """Drain: SIGTERM lets in-flight requests finish; SIGKILL only past the timeout."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(self.drain_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("engine pid %d did not drain in %ss; killing it", self.proc.pid,
+                      self.drain_timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+
+def install_worker_step(app: Any) -> None:
+    """Register ``--engine`` on ``celery worker`` and the bootstep that honours it."""
+    from celery import bootsteps
+    from click import Option
+
+    app.user_options["worker"].add(Option(
+        ["--engine"], is_flag=True, default=False,
+        help="run this node's NBD engine process inside the worker"))
+
+    class EngineStep(bootsteps.StartStopStep):
+        """Owns the node's engine process for the life of the worker."""
+
+        def __init__(self, worker: Any, engine: bool = False, **options: Any) -> None:
+            super().__init__(worker, **options)
+            self.supervisor: EngineSupervisor | None = None
+            if engine:
+                from django.conf import settings
+
+                self.supervisor = EngineSupervisor(
+                    node=settings.APPLIANCE_NODE_NAME,
+                    bind=settings.NBD_BIND,
+                    port=settings.NBD_PORT,
+                    redis_url=settings.REDIS_URL,
+                )
+
+        def start(self, worker: Any) -> None:
+            if self.supervisor is not None:
+                self.supervisor.start()
+                os.environ["APPLIANCE_ENGINE_PID"] = str(self.supervisor.pid)
+
+        def stop(self, worker: Any) -> None:
+            if self.supervisor is not None:
+                self.supervisor.stop()
+
+    app.steps["worker"].add(EngineStep)

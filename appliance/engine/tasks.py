@@ -1,0 +1,69 @@
+"""Short, idempotent control tasks: they converge Redis (and so the engines) on the database.
+
+``engine.sync`` writes one node's desired exports; ``engine.reconcile`` (on the beat) does
+it for every node, compares with the heartbeats, and prunes old history samples. Running
+either twice, late or concurrently is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import shared_task
+from django.conf import settings
+
+from . import mailbox
+from .spec import desired_spec
+
+log = logging.getLogger(__name__)
+
+
+def engine_queue(node: str) -> str:
+    return f"engine.{node}"
+
+
+def _redis() -> Any:
+    return mailbox.connect(settings.REDIS_URL)
+
+
+@shared_task(name="engine.sync", ignore_result=True)
+def engine_sync(node: str) -> str:
+    spec = desired_spec(node)
+    _redis().set(mailbox.desired_key(node), spec.to_json())
+    return spec.digest
+
+
+@shared_task(name="engine.reconcile", ignore_result=True)
+def engine_reconcile() -> dict[str, Any]:
+    from appliance.exports.models import Export
+    from appliance.sessions.services import export_sample_prune
+
+    client = _redis()
+    nodes = set(Export.objects.values_list("node", flat=True)) | {settings.APPLIANCE_NODE_NAME}
+    report: dict[str, Any] = {}
+    for node in sorted(nodes):
+        spec = desired_spec(node)
+        client.set(mailbox.desired_key(node), spec.to_json())
+        beat = mailbox.read_heartbeat(client, node)
+        if beat is None or time.time() - float(beat.get("at", 0)) > mailbox.HEARTBEAT_TTL_S:
+            state = "down"
+        elif beat.get("digest") != spec.digest:
+            state = "converging"
+        else:
+            state = "ok"
+        if state != "ok" and node == settings.APPLIANCE_NODE_NAME:
+            log.warning("engine on node %s: %s", node, state)
+        report[node] = {"state": state, "digest": spec.digest, "exports": len(spec.exports)}
+    export_sample_prune(older_than_s=settings.APPLIANCE_HISTORY_RETENTION_S)
+    return report
+
+
+def request_sync(node: str) -> None:
+    """Ask the node's engine worker to converge now; the beat catches up if this fails."""
+    try:
+        engine_sync.apply_async(args=[node], queue=engine_queue(node), expires=60)
+    except Exception as exc:  # broker away: the API call must still succeed
+        log.warning("could not queue engine.sync for %s (%s); reconcile will apply it",
+                    node, exc)
