@@ -27,7 +27,8 @@ class SpecApplier:
       backend and its clients are disconnected (they negotiated the old flags);
     - one whose allowed networks or description changed keeps its backend, and only the
       clients the new policy refuses are disconnected;
-    - one that is gone (deleted or disabled) is withdrawn and its clients disconnected.
+    - one that was disabled stays known (clients get NBD_REP_ERR_POLICY) but its clients
+      are disconnected; one that is gone (deleted) is withdrawn likewise.
     Backends of withdrawn exports are closed once no connection uses them.
     """
 
@@ -67,7 +68,8 @@ class SpecApplier:
         self.registry.add(export)
         self.current[new.name] = (new, export)
         dropped = self.server.close_connections(
-            lambda info: info.export_name == new.name and not export.allows(_host(info.peer)))
+            lambda info: info.export_name == new.name
+            and not (export.enabled and export.allows(_host(info.peer))))
         log.info("export %r: policy updated, %d client(s) no longer allowed", new.name, dropped)
 
     def _publish(self, spec: ExportSpec) -> None:
@@ -120,6 +122,7 @@ class SpecApplier:
             description=spec.description,
             read_only=spec.read_only,
             multi_conn=spec.multi_conn,
+            enabled=spec.enabled,
             allowed_networks=[ipaddress.ip_network(n, strict=False)
                               for n in spec.allowed_networks],
         )

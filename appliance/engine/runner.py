@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     applier = SpecApplier(server, registry)
     redis_client = mailbox.connect(args.redis_url)
     log.info("engine %s for node %s listening on %s:%d", run, args.node, args.bind, server.port)
-    last_beat = 0.0
+    last_beat = last_retry = 0.0
     while not stop.is_set():
         try:
             raw = redis_client.get(mailbox.desired_key(args.node))
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                 if spec.digest != applier.digest:
                     applier.apply(spec)
             now = time.time()
+            if applier.failed and now - last_retry >= 10.0:
+                last_retry = now  # an image file that could not be opened: try again
+                applier.digest = ""
             if now - last_beat >= 1.0:
                 last_beat = now
                 beat = {

@@ -22,6 +22,9 @@ class ExportSpec:
     description: str = ""
     multi_conn: bool = True
     allowed_networks: tuple[str, ...] = ()
+    # A disabled export stays known to the engine so that clients get NBD_REP_ERR_POLICY
+    # (not "unknown") and it stays out of NBD_OPT_LIST.
+    enabled: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExportSpec:
@@ -33,6 +36,7 @@ class ExportSpec:
             description=str(data.get("description", "")),
             multi_conn=bool(data.get("multi_conn", True)),
             allowed_networks=tuple(str(n) for n in data.get("allowed_networks", ())),
+            enabled=bool(data.get("enabled", True)),
         )
 
 
@@ -59,8 +63,8 @@ class EngineSpec:
 
 
 def desired_spec(node: str) -> EngineSpec:
-    """The enabled exports placed on ``node``, from the database."""
-    from appliance.exports.selectors import export_list_enabled
+    """The exports placed on ``node``, from the database (disabled ones marked so)."""
+    from appliance.exports.selectors import export_list_on_node
     from appliance.storage.services import image_path
 
     exports = tuple(
@@ -72,7 +76,8 @@ def desired_spec(node: str) -> EngineSpec:
             description=export.description,
             multi_conn=export.multi_conn,
             allowed_networks=tuple(export.allowed_networks or ()),
+            enabled=export.enabled,
         )
-        for export in export_list_enabled(node=node).select_related("image")
+        for export in export_list_on_node(node=node)
     )
     return EngineSpec(node=node, exports=exports)

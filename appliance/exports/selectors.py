@@ -25,6 +25,11 @@ def export_list_enabled(*, node: str) -> QuerySet[Export]:
     return Export.objects.select_related("image").filter(node=node, enabled=True)
 
 
+def export_list_on_node(*, node: str) -> QuerySet[Export]:
+    """Every export placed on ``node``, enabled or not (the engine refuses disabled ones)."""
+    return Export.objects.select_related("image").filter(node=node)
+
+
 def export_allows_client(export: Export, address: str) -> bool:
     """Whether a client at ``address`` may use the export (an empty list allows all)."""
     if not export.allowed_networks:
