@@ -118,6 +118,47 @@ def fio(uri: str, *args: str, runtime: int, pin: bool = False) -> dict:
     return json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
 
 
+CURRENT_SERVER: list[Server] = []
+
+
+def flood(uri: str, *, clients: int, bytes_each: int) -> None:
+    """Raw NBD clients, each sending ``bytes_each`` of 4 MiB WRITEs as fast as TCP lets it
+    (replies are read by a second thread). Whatever the clients push, the server must
+    push back through TCP rather than buffer it: its resident size is the measure."""
+    import struct
+    import threading
+
+    host, port = uri.split("//")[1].split("/")[0].rsplit(":", 1)
+    chunk = 4 * MiB
+    payload = bytes(chunk)
+
+    def one(index: int) -> None:
+        with socket.create_connection((host, int(port))) as sock:
+            sock.recv(18, socket.MSG_WAITALL)
+            sock.sendall(struct.pack(">I", 3))
+            sock.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))  # EXPORT_NAME ""
+            sock.recv(10, socket.MSG_WAITALL)
+            base = 0  # every client rewrites the same 64 MiB; memory is what is measured
+            reader = threading.Thread(target=_drain, args=(sock, bytes_each // chunk))
+            reader.start()
+            for i in range(bytes_each // chunk):
+                header = struct.pack(">IHHQQI", 0x25609513, 0, 1, i, base + i * chunk, chunk)
+                sock.sendall(header)
+                sock.sendall(payload)
+            reader.join()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _drain(sock: socket.socket, replies: int) -> None:
+    for _ in range(replies):
+        sock.recv(16, socket.MSG_WAITALL)
+
+
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,6 +203,11 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
         finally:
             out.unlink(missing_ok=True)
 
+    def memory_under_write_flood(uri: str, _: Path) -> float:
+        """64 clients each push 64 MiB of WRITEs without reading replies; peak RSS in MiB."""
+        flood(uri, clients=64, bytes_each=64 * MiB)
+        return CURRENT_SERVER[0].rss_kib() / 1024
+
     def many_clients(uri: str, _: Path) -> float:
         job = fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", "--numjobs=8",
                   runtime=runtime)
@@ -184,6 +230,8 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
                  sparse_convert, higher_is_better=False),
         Workload("many_clients", "8 clients x 4K rand read iodepth 16", "IOPS", "full",
                  many_clients),
+        Workload("memory_flood", "64 clients x 64 MiB writes in flight: peak RSS", "MiB",
+                 "full", memory_under_write_flood, higher_is_better=False),
     ]
 
 
@@ -209,7 +257,7 @@ def make_images(tmp: Path, full_size: int) -> dict[str, Path]:
 
 
 def fmt(value: float, unit: str) -> str:
-    if unit in ("IOPS", "MiB/s"):
+    if unit in ("IOPS", "MiB/s", "MiB"):
         return f"{value:,.0f}"
     return f"{value:.3f}" if unit == "s" else f"{value:.1f}"
 
@@ -271,6 +319,7 @@ def main() -> int:
             for w in workloads:
                 for server in SERVERS:
                     uri = server.start(images[w.image], pin=w.pin)
+                    CURRENT_SERVER[:] = [server]
                     try:
                         value = w.run(uri, images[w.image])
                         rss[server.name] = max(rss.get(server.name, 0), server.rss_kib())
