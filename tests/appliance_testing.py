@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import file_extents
 
 DATA = Path(__file__).parent / "appliance" / "data"
 MiB = 1 << 20
@@ -131,31 +131,6 @@ def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def make_sparse_image(path: Path, size: int, islands: dict[int, bytes] | None = None) -> Path:
-    """A sparse file of ``size`` bytes with data only at the given offsets."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in (islands or {}).items():
-            f.seek(offset)
-            f.write(data)
-    return path
-
-
 def data_ranges(path: Path) -> list[tuple[int, int]]:
     """(offset, length) of the file's data extents, from SEEK_DATA/SEEK_HOLE."""
-    size = path.stat().st_size
-    out: list[tuple[int, int]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end - start))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
+    return [(offset, length) for offset, length, is_data in file_extents(path) if is_data]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from appliance_testing import GiB, MiB, allocated, data_ranges, make_sparse_image
+from appliance_testing import GiB, MiB, allocated, data_ranges
+from conftest import make_sparse_image
 
 from appliance.storage.models import Image
 from appliance.storage.services import image_path

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from appliance_testing import GiB, MiB, allocated, data_ranges, make_sparse_image
+from appliance_testing import GiB, MiB, allocated, data_ranges
+from conftest import make_sparse_image
 from django.core.exceptions import ValidationError
 
 from appliance.errors import (
