@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -36,7 +38,9 @@ _IMAGE_OPTIONS = {
     "--read-only": "read_only", "-r": "read_only",
 }
 # Server-wide options that take a value (the others are switches).
-_VALUE_OPTIONS = {"--bind", "-b", "--port", "-p", "--handshake-timeout", "--max-connections"}
+_VALUE_OPTIONS = {
+    "--bind", "-b", "--port", "-p", "--handshake-timeout", "--max-connections", "--workers", "-w",
+}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -60,6 +64,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--max-connections", type=int, default=1024)
     serve.add_argument("--no-multi-conn", action="store_true",
                        help="do not advertise NBD_FLAG_CAN_MULTI_CONN")
+    serve.add_argument("--workers", "-w", type=int, default=1, metavar="N",
+                       help="serve from N processes sharing the port (spreads many "
+                            "connections over the cores)")
     serve.add_argument("--sendfile", action="store_true",
                        help="send large reads with sendfile (cheaper for this server, "
                             "dearer for a receiver on the same machine)")
@@ -125,10 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if args.workers <= 1:
+        return _serve(args, args.port, stop, announce=True)
+    return _serve_in_processes(args, stop)
+
+
+def _serve(args: argparse.Namespace, port: int, stop: threading.Event, *,
+           announce: bool) -> int:
+    """One engine process: open the images, listen, serve until ``stop``."""
+    several = args.workers > 1
     registry = ExportRegistry()
     for spec in args.images:
         try:
-            backend = SparseFile(spec.path, read_only=spec.read_only)
+            backend = SparseFile(spec.path, read_only=spec.read_only,
+                                 cache_allocation=not several)
         except OSError as exc:
             print(f"nbdcore: cannot open {spec.path}: {exc.strerror}", file=sys.stderr)
             return 1
@@ -139,21 +156,81 @@ def main(argv: list[str] | None = None) -> int:
             read_only=spec.read_only,
             multi_conn=not args.no_multi_conn,
         ))
-    server = NbdServer(registry, host=args.bind, port=args.port,
+    server = NbdServer(registry, host=args.bind, port=port,
                        handshake_timeout_s=args.handshake_timeout,
-                       max_connections=args.max_connections, use_sendfile=args.sendfile)
+                       max_connections=args.max_connections, use_sendfile=args.sendfile,
+                       reuse_port=several)
     try:
-        host, port = server.start()
+        host, bound = server.start()
     except OSError as exc:
-        print(f"nbdcore: cannot listen on {args.bind}:{args.port}: {exc.strerror}",
+        print(f"nbdcore: cannot listen on {args.bind}:{port}: {exc.strerror}",
               file=sys.stderr)
         return 1
-    print(f"listening on {host}:{port}", flush=True)
+    if announce:
+        print(f"listening on {host}:{bound}", flush=True)
     stop.wait()
     server.shutdown()
     for name in registry.names():
         registry.get(name).backend.close()
     return 0
+
+
+def _serve_in_processes(args: argparse.Namespace, stop: threading.Event) -> int:
+    """--workers N: N processes share the port (SO_REUSEPORT), so that connections spread
+    over the cores instead of sharing one interpreter lock. The files are shared through
+    the page cache, so a FLUSH in any process covers every process's writes (multi-conn
+    holds); the allocation cache is off since another process may punch holes."""
+    family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)  # fixes the port for every process
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        probe.bind((args.bind, args.port))
+    except OSError as exc:
+        print(f"nbdcore: cannot listen on {args.bind}:{args.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    port = probe.getsockname()[1]
+    children = []
+    for _ in range(args.workers - 1):
+        pid = os.fork()  # before any thread exists in this process
+        if pid == 0:
+            probe.close()
+            os._exit(_serve(args, port, stop, announce=False))
+        children.append(pid)
+    try:
+        return _serve(args, port, _stop_with_children(stop, children), announce=True)
+    finally:
+        probe.close()
+        remaining = list(children)
+        for pid in remaining:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in remaining:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # already reaped by the watcher
+
+
+def _stop_with_children(stop: threading.Event, children: list[int]) -> threading.Event:
+    """``stop``, also set when a worker process dies: the server then ends as a whole."""
+
+    def watch() -> None:
+        while not stop.is_set():
+            for pid in list(children):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    children.remove(pid)
+                    print(f"nbdcore: worker process {pid} exited; stopping", file=sys.stderr)
+                    stop.set()
+                    return
+            stop.wait(0.5)
+
+    threading.Thread(target=watch, name="nbd-workers", daemon=True).start()
+    return stop
 
 
 if __name__ == "__main__":

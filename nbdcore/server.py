@@ -99,6 +99,7 @@ class NbdServer:
         max_connections: int = 1024,
         pool_workers: int = 4,
         use_sendfile: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -109,6 +110,8 @@ class NbdServer:
         # sendfile saves the server a copy but costs a loopback receiver more than that;
         # measured both ways in bench/ (see README), the buffered copy is the default.
         self.use_sendfile = use_sendfile
+        # Several processes may listen on one port (SO_REUSEPORT): see --workers.
+        self.reuse_port = reuse_port
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=pool_workers, thread_name_prefix="nbd-sync"
         )
@@ -125,6 +128,8 @@ class NbdServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind((self.host, self.port))
         listener.listen(128)
         self._listener = listener

@@ -33,7 +33,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class SparseFile:
     """Backend over one raw file; all connections share this object (and so its fd)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        cache_allocation: bool = True,
+    ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -44,6 +50,8 @@ class SparseFile:
         # One run of bytes known to be allocated, so that reads inside it need no lseek.
         # Writes only ever turn holes into data; whatever punches holes resets it.
         self._known_data = (0, 0)
+        # Off when other processes write the same file: their punches would go unseen here.
+        self._cache_allocation = cache_allocation
         self._known_lock = threading.Lock()
         self._punches = 0  # bumped before every punch, so a lookup racing one is not cached
         writable = not read_only
@@ -149,7 +157,7 @@ class SparseFile:
                 out += self._tail_extents(pos, end)
                 break
             if hole > pos:
-                if hole - pos > known_end - known_start:
+                if self._cache_allocation and hole - pos > known_end - known_start:
                     self._remember_data(pos, hole, punches)
                 stop = min(hole, end)
                 out.append(Extent(pos, stop - pos, 0))
