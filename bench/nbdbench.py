@@ -54,17 +54,24 @@ class Server:
     argv: Callable[[Path, int], list[str]]
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    # Before start (image, port) and after the port opened (port): for the appliance engine.
+    prepare: Callable[[Path, int], None] | None = None
+    ready: Callable[[int], None] | None = None
 
     def start(self, image: Path, *, pin: bool = False) -> str:
         self.port = free_port()
         # Latency is set by the loopback round trip more than by the server: with client
         # and server on separate cores every server is measured on equal terms.
         prefix = ["taskset", "-c", "0"] if pin else []
+        if self.prepare is not None:
+            self.prepare(image, self.port)
         self.proc = subprocess.Popen(
             prefix + self.argv(image, self.port), cwd=ROOT, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
+        if self.ready is not None:
+            self.ready(self.port)
         return f"nbd://127.0.0.1:{self.port}/"
 
     def stop(self) -> None:
@@ -85,9 +92,67 @@ class Server:
         return 0
 
 
+class ApplianceEngine:
+    """The engine as the appliance runs it: appliance.engine.runner with live metrics to a
+    Redis of its own (no database), the export handed over through the Redis mailbox."""
+
+    node = "bench"
+
+    def __init__(self) -> None:
+        self.redis_port = 0
+        self.redis: subprocess.Popen[bytes] | None = None
+
+    def url(self) -> str:
+        if self.redis is None:
+            self.redis_port = free_port()
+            self.redis = subprocess.Popen(
+                ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port),
+                 "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_port(self.redis_port)
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def argv(self, image: Path, port: int) -> list[str]:
+        return [sys.executable, "-m", "appliance.engine.runner", "--node", self.node,
+                "--port", str(port), "--redis-url", self.url(), "--no-database"]
+
+    def prepare(self, image: Path, port: int) -> None:
+        import redis
+
+        sys.path.insert(0, str(ROOT))
+        from appliance.engine.spec import EngineSpec, ExportSpec
+
+        spec = EngineSpec(node=self.node, exports=(
+            ExportSpec(name="", path=str(image), size=image.stat().st_size),))
+        client = redis.Redis.from_url(self.url())
+        client.delete(f"nbd:engine:{self.node}:heartbeat")
+        client.set(f"nbd:engine:{self.node}:desired", spec.to_json())
+
+    def ready(self, port: int) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            raw = client.get(f"nbd:engine:{self.node}:heartbeat")
+            if raw and json.loads(raw).get("exports") == [""]:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the appliance engine did not publish the export")
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.terminate()
+            self.redis.wait(10)
+
+
+APPLIANCE_ENGINE = ApplianceEngine()
+
 SERVERS = [
     Server("nbdcore", lambda img, port: [
         sys.executable, "-m", "nbdcore", "serve", str(img), "--port", str(port)]),
+    Server("appliance", APPLIANCE_ENGINE.argv, prepare=APPLIANCE_ENGINE.prepare,
+           ready=APPLIANCE_ENGINE.ready),
     Server("nbdkit", lambda img, port: [
         "nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)]),
     Server("qemu-nbd", lambda img, port: [
@@ -266,10 +331,12 @@ def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
     names = [s.name for s in SERVERS]
     lines = [
         f"Medians of {rounds} interleaved rounds; ratio = nbdcore / peer, oriented so that "
-        "> 1.00 means nbdcore is better.",
+        "> 1.00 means nbdcore is better; \"appliance\" is the same engine run by the "
+        "appliance's engine runner with live metrics to Redis.",
         "",
-        "| workload | unit | " + " | ".join(names) + " | vs nbdkit | vs qemu-nbd |",
-        "|---|---|" + "---|" * len(names) + "---|---|",
+        "| workload | unit | " + " | ".join(names)
+        + " | vs nbdkit | vs qemu-nbd | appliance vs bare |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for w in workloads:
         if not w.results:
@@ -283,6 +350,11 @@ def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
                 ratios.append(f"{(r if w.higher_is_better else 1 / r):.2f}x")
             else:
                 ratios.append("-")
+        if "appliance" in med and "nbdcore" in med and med["appliance"] and med["nbdcore"]:
+            r = med["appliance"] / med["nbdcore"]
+            ratios.append(f"{(r if w.higher_is_better else 1 / r):.2f}x")
+        else:
+            ratios.append("-")
         lines.append(f"| {w.title} | {w.unit} | " + " | ".join(cells) + " | "
                      + " | ".join(ratios) + " |")
     lines += ["", "Peak resident memory (VmHWM, KiB): "
@@ -297,7 +369,9 @@ def main() -> int:
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     parser.add_argument("--quick", action="store_true", help="256 MiB image, 2 s fio jobs")
     parser.add_argument("--only", default="", help="comma-separated workload names")
-    parser.add_argument("--servers", default="nbdcore,nbdkit,qemu-nbd")
+    parser.add_argument("--servers", default="nbdcore,appliance,nbdkit,qemu-nbd",
+                        help="any of nbdcore, appliance (the engine under the appliance's "
+                             "runner, metrics on), nbdkit, qemu-nbd")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.md"))
     args = parser.parse_args()
     for tool in ("nbdcopy", "fio", "qemu-img", "qemu-nbd", "nbdkit"):
@@ -328,6 +402,7 @@ def main() -> int:
                     w.results.setdefault(server.name, []).append(value)
                     print(f"round {round_no + 1} {w.name:18} {server.name:9} "
                           f"{fmt(value, w.unit)} {w.unit}", flush=True)
+    APPLIANCE_ENGINE.close()
     table = report(workloads, args.rounds, rss)
     print()
     print(table)
