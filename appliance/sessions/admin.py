@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import FEATURES, ClientSession
+from .models import FEATURES, ClientSession, ExportSample
 
 
 @admin.register(ClientSession)
@@ -25,4 +25,24 @@ class ClientSessionAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: ClientSession | None = None) -> bool:
+        return False
+
+
+@admin.register(ExportSample)
+class ExportSampleAdmin(admin.ModelAdmin):
+    """History samples the engine writes for plots: read-only."""
+
+    list_display = ["export_name", "node", "at", "clients", "ops", "bytes_read", "bytes_written"]
+    list_filter = ["node", "export_name"]
+    date_hierarchy = "at"
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ExportSample | None = None
+    ) -> list[str]:
+        return [f.name for f in ExportSample._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ExportSample | None = None) -> bool:
         return False
