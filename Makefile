@@ -8,7 +8,7 @@ test:
 
 lint:
 	scripts/install-test-deps.sh
-	.venv/bin/ruff check nbdcore tests bench appliance
+	.venv/bin/ruff check nbdcore tests bench appliance frontend
 
 # The whole appliance on this machine: Redis (its own unless REDIS_URL is set), the Celery
 # engine worker serving NBD, Celery beat and gunicorn; prints the URLs, a token and the

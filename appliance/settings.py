@@ -54,6 +54,7 @@ INSTALLED_APPS = [
     "appliance.storage",
     "appliance.exports",
     "appliance.sessions.apps.ClientSessionsConfig",
+    "frontend",
 ]
 
 MIDDLEWARE = [
@@ -113,6 +114,11 @@ WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
 X_FRAME_OPTIONS = "DENY"
+
+# The dashboard (frontend/): Django's login; every page needs it.
+LOGIN_URL = "frontend:login"
+LOGIN_REDIRECT_URL = "frontend:overview"
+LOGOUT_REDIRECT_URL = "frontend:login"
 SESSION_COOKIE_HTTPONLY = True
 
 # ---------------------------------------------------------------- the appliance itself
@@ -138,6 +144,11 @@ CELERY_TASK_DEFAULT_QUEUE = "appliance"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# An API call that queues engine.sync must not hang on a missing broker: fail fast, the
+# reconcile beat applies the change anyway.
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0,
+                                    "interval_step": 0.2, "interval_max": 0.2}
 CELERY_BEAT_SCHEDULE = {
     # The safety net under the on-commit syncs: converge every node, compare heartbeats.
     "engine-reconcile": {"task": "engine.reconcile", "schedule": 5.0,

@@ -1,12 +1,10 @@
 from django.contrib import admin
 from django.urls import include, path
-from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from appliance.engine.prometheus import metrics_view
 
 urlpatterns = [
-    path("", RedirectView.as_view(url="/api/v1/", permanent=False)),
     path("admin/", admin.site.urls),
     path("api/v1/", include("appliance.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
@@ -16,4 +14,6 @@ urlpatterns = [
     path("api/auth/", include("rest_framework.urls")),
     # Prometheus text format; a token, a session or APPLIANCE_METRICS_TOKEN is needed.
     path("metrics", metrics_view, name="metrics"),
+    # The dashboard: server-rendered pages at the root.
+    path("", include("frontend.urls")),
 ]

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio xfsprogs redis-server)
+DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio xfsprogs redis-server chromium)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

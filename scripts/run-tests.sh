@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 mkdir -p artifacts
-.venv/bin/ruff check nbdcore tests bench appliance
+.venv/bin/ruff check nbdcore tests bench appliance frontend
 
 pytest_run() {
     set +e

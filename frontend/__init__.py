@@ -1,0 +1,1 @@
+"""The web dashboard: server-rendered pages over the appliance's services and selectors."""

@@ -1,0 +1,140 @@
+"""Dashboard forms: they parse what people type; the services decide what is allowed.
+
+A service's refusal (Django's ``ValidationError`` with field messages, or an
+``ApplianceError`` naming its ``field``) is put beside the field it is about by
+``call_service``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from django import forms
+from django.core.exceptions import ValidationError
+
+from appliance.config import parse_size
+from appliance.errors import ApplianceError
+from appliance.storage.models import Image
+
+T = TypeVar("T")
+
+
+def call_service(
+    form: forms.Form, service: Callable[..., T], *, fields: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> T | None:
+    """``service(**kwargs)``, or ``None`` with its refusal added to ``form``'s errors.
+
+    ``fields`` renames a service's field to the form's (the import form's ``file`` is the
+    service's ``size``); messages about fields the form lacks go to the top of the form.
+    """
+    rename = fields or {}
+
+    def place(field: str | None, messages: list[str]) -> None:
+        name = rename.get(field or "", field)
+        for message in messages:
+            form.add_error(name if name in form.fields else None, message)
+
+    try:
+        return service(**kwargs)
+    except ValidationError as exc:
+        if hasattr(exc, "error_dict"):
+            for field, messages in exc.message_dict.items():
+                place(None if field == "__all__" else field, messages)
+        else:
+            place(None, exc.messages)
+    except ApplianceError as exc:
+        place(exc.field, [exc.message])
+    return None
+
+
+class SizeField(forms.Field):
+    """A size as people write it: ``10G``, ``512M``, ``1 GiB`` or bytes (binary units)."""
+
+    widget = forms.TextInput
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("help_text", "bytes, or a number with K, M, G, T (binary units)")
+        super().__init__(**kwargs)
+        self.widget.attrs.update(placeholder="10G", maxlength="32", autocomplete="off")
+
+    def to_python(self, value: Any) -> int | None:
+        text = str(value or "").strip()[:64]
+        if not text:
+            return None
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            raise ValidationError(
+                "%(value)r is not a size: write bytes or a number with K, M, G, T or P, "
+                "like 10G or 512M",
+                code="invalid_size",
+                params={"value": text},
+            ) from exc
+
+
+_NAME_ATTRS = {"autocomplete": "off", "spellcheck": "false"}
+
+
+class ImageCreateForm(forms.Form):
+    name = forms.CharField(max_length=128, widget=forms.TextInput(attrs=_NAME_ATTRS))
+    size = SizeField()
+    description = forms.CharField(max_length=1024, required=False)
+
+
+class ImageGrowForm(forms.Form):
+    size = SizeField(label="New size")
+    force = forms.BooleanField(
+        required=False, label="Allow shrinking (discards data past the new end)"
+    )
+
+
+class ImageCloneForm(forms.Form):
+    name = forms.CharField(max_length=128, label="Clone name",
+                           widget=forms.TextInput(attrs=_NAME_ATTRS))
+    description = forms.CharField(max_length=1024, required=False)
+
+
+class ImageImportForm(forms.Form):
+    name = forms.CharField(max_length=128, widget=forms.TextInput(attrs=_NAME_ATTRS))
+    file = forms.FileField(label="Raw image file",
+                           help_text="a raw disk image; all-zero blocks become holes")
+    description = forms.CharField(max_length=1024, required=False)
+
+
+_SEPARATORS = re.compile(r"[\s,;]+")
+
+
+class NetworksField(forms.CharField):
+    """CIDR networks separated by commas, spaces or new lines; the service checks them."""
+
+    widget = forms.Textarea(attrs={"rows": 2, "placeholder": "192.0.2.0/24, 2001:db8::/32"})
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        text = super().to_python(value) or ""
+        return [part for part in _SEPARATORS.split(text) if part]
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return ", ".join(value)
+        return value
+
+
+class ExportCreateForm(forms.Form):
+    name = forms.CharField(
+        max_length=255, widget=forms.TextInput(attrs=_NAME_ATTRS),
+        help_text="what clients put after nbd://host/",
+    )
+    image = forms.ModelChoiceField(queryset=Image.objects.order_by("name"),
+                                   empty_label="choose an image")
+    description = forms.CharField(max_length=1024, required=False)
+    read_only = forms.BooleanField(required=False, label="Read-only")
+    multi_conn = forms.BooleanField(required=False, initial=True, label="Multi-conn",
+                                    help_text="clients may open several connections")
+    allowed_networks = NetworksField(
+        required=False, label="Allowed networks",
+        help_text="CIDR networks; empty allows every client",
+    )
+    enabled = forms.BooleanField(required=False, initial=True, label="Enabled")
