@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine, then nothing more:
 # Debian's NBD clients and peers, redis-server (the run command and the engine worker
-# tests start their own), xfsprogs (a reflink filesystem for the clone test), and
-# the Python packages in .venv. PostgreSQL is scripts/ensure-postgres.sh's business.
+# tests start their own), xfsprogs (a reflink filesystem for the clone test), chromium
+# (the dashboard's browser tests), qemu-system-x86 with a kernel, busybox and syslinux
+# (the VM boot test builds its disk from them), and the Python packages in .venv. PostgreSQL is scripts/ensure-postgres.sh's business.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio xfsprogs redis-server chromium)
+DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio xfsprogs redis-server chromium
+    qemu-system-x86 linux-image-amd64 busybox-static syslinux syslinux-common mtools dosfstools
+    e2fsprogs)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
