@@ -203,6 +203,35 @@ def test_client_appears_live_with_features_and_growing_counters(stack: Stack, pa
         client.disconnect()
 
 
+def test_qemu_io_appears_live_and_leaves(stack: Stack, page: Any) -> None:
+    """The same with a real client tool: qemu-io, pausing between its reads."""
+    require("qemu-io")
+    page.goto(f"{stack.web}/exports/")
+    page.click("tr[data-export='web-disk'] a")
+    page.wait_for_selector("#export-panel >> text=No client is connected")
+    commands: list[str] = []
+    for _ in range(8):
+        commands += ["-c", "read 0 1M", "-c", "sleep 1000"]
+    qemu_io = subprocess.Popen(
+        ["qemu-io", "-f", "raw", *commands, f"nbd://127.0.0.1:{nbd_port(stack)}/web-disk"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        row = page.wait_for_selector("#client-list tr.client", timeout=20_000)
+        assert "qemu" in row.inner_text()
+        assert page.locator("tr.client .feature.yes[data-feature='structured replies']").count()
+        ops = page.locator("tr.client [data-counter='ops']")
+        assert wait_until(lambda: ops.count() == 1 and int(ops.inner_text()) >= 1, timeout=20)
+        first = int(ops.inner_text())
+        assert wait_until(lambda: ops.count() == 1 and int(ops.inner_text()) > first,
+                          timeout=20)
+        assert qemu_io.wait(60) == 0
+    finally:
+        if qemu_io.poll() is None:
+            qemu_io.kill()
+            qemu_io.wait()
+    page.wait_for_selector("#export-panel >> text=No client is connected", timeout=20_000)
+
+
 def test_feature_adoption_chart(stack: Stack, page: Any) -> None:
     page.goto(f"{stack.web}/features/?period=1h")
     page.wait_for_selector("#feature-chart svg rect.bar")
