@@ -151,6 +151,9 @@ APPLIANCE_ENGINE = ApplianceEngine()
 SERVERS = [
     Server("nbdcore", lambda img, port: [
         sys.executable, "-m", "nbdcore", "serve", str(img), "--port", str(port)]),
+    Server("nbdcore-w2", lambda img, port: [
+        sys.executable, "-m", "nbdcore", "serve", str(img), "--port", str(port),
+        "--workers", "2"]),
     Server("appliance", APPLIANCE_ENGINE.argv, prepare=APPLIANCE_ENGINE.prepare,
            ready=APPLIANCE_ENGINE.ready),
     Server("nbdkit", lambda img, port: [
@@ -370,8 +373,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="256 MiB image, 2 s fio jobs")
     parser.add_argument("--only", default="", help="comma-separated workload names")
     parser.add_argument("--servers", default="nbdcore,appliance,nbdkit,qemu-nbd",
-                        help="any of nbdcore, appliance (the engine under the appliance's "
-                             "runner, metrics on), nbdkit, qemu-nbd")
+                        help="any of nbdcore, nbdcore-w2 (--workers 2), appliance (the "
+                             "engine under the appliance's runner, metrics on), nbdkit, "
+                             "qemu-nbd")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.md"))
     args = parser.parse_args()
     for tool in ("nbdcopy", "fio", "qemu-img", "qemu-nbd", "nbdkit"):
