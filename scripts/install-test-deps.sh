@@ -11,6 +11,13 @@ DEBIAN_PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio xfsprogs redis-
     qemu-system-x86 linux-image-amd64 busybox-static syslinux syslinux-common mtools dosfstools
     e2fsprogs)
 
+# `--runtime` (used by `make run`): only what running the appliance needs.
+extras="[test]"
+if [ "${1:-}" = "--runtime" ]; then
+    DEBIAN_PACKAGES=(redis-server)
+    extras=""
+fi
+
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -28,4 +35,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"

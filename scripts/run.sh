@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install-test-deps.sh >&2
+scripts/install-test-deps.sh --runtime >&2
 
 export APPLIANCE_VAR_DIR="${APPLIANCE_VAR_DIR:-$PWD/var}"
 export WEB_BIND="${WEB_BIND:-127.0.0.1}" WEB_PORT="${WEB_PORT:-8000}"
