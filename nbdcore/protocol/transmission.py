@@ -47,6 +47,7 @@ _READ, _WRITE, _FLUSH, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FL
     Cmd.BLOCK_STATUS
 )
 _DISC = int(Cmd.DISC)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 _DF, _PAYLOAD_LEN = int(CmdFlag.DF), int(CmdFlag.PAYLOAD_LEN)
 _WRITE_COMMANDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _KNOWN_COMMANDS = frozenset(int(c) for c in Cmd if c is not Cmd.RESIZE)
@@ -275,6 +276,9 @@ class Transmission:
         self, req: wire.Request, offset: int, length: int, *, done: bool
     ) -> bytes:
         """OFFSET_DATA header and its u64 offset; ``length`` data bytes must follow."""
+        if not self.extended:
+            return wire.DATA_CHUNK.pack(wire.STRUCTURED_REPLY_MAGIC, 1 if done else 0,
+                                        _OFFSET_DATA, req.cookie, 8 + length, offset)
         return self._chunk(req, ReplyType.OFFSET_DATA, 8 + length, done) + wire.U64.pack(offset)
 
     def hole_chunk(self, req: wire.Request, offset: int, length: int, *, done: bool) -> bytes:

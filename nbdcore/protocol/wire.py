@@ -21,7 +21,6 @@ from .constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Info,
-    ReplyFlag,
     ReplyType,
 )
 from .errors import RemoteProtocolError
@@ -37,6 +36,7 @@ REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+DATA_CHUNK = struct.Struct(">IHHQIQ")  # CHUNK + the u64 offset of an OFFSET_DATA chunk
 EXTENDED_CHUNK = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
@@ -143,7 +143,7 @@ def chunk_header(
     request_offset: int = 0,
 ) -> bytes:
     """Header of one structured (or extended) reply chunk; ``length`` is the payload size."""
-    flags = ReplyFlag.DONE if done else 0
+    flags = 1 if done else 0  # NBD_REPLY_FLAG_DONE, as a plain int (IntFlag is slow)
     if extended:
         return EXTENDED_CHUNK.pack(
             EXTENDED_REPLY_MAGIC, flags, reply_type, cookie, request_offset, length
