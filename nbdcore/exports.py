@@ -46,17 +46,17 @@ class Export:
             can_cache=caps.can_cache,
         )
 
-    def allows(self, peer_host: str) -> bool:
+    def allows(self, host: str) -> bool:
         if not self.allowed_networks:
             return True
         try:
-            address = ipaddress.ip_address(peer_host)
+            address = ipaddress.ip_address(host)
         except ValueError:
             return False  # a Unix socket or unknown peer cannot prove its address
         return any(address in network for network in self.allowed_networks)
 
 
-def _host_of(peer: str) -> str:
+def peer_host(peer: str) -> str:
     """'127.0.0.1:5000' -> '127.0.0.1', '[::1]:5000' -> '::1'."""
     host, _, _ = peer.rpartition(":")
     return host.strip("[]") if host else peer
@@ -94,13 +94,13 @@ class ExportRegistry:
         export = self.get(name)
         if not export.enabled:
             raise ExportRefused(f"export {name!r} is disabled")
-        if not export.allows(_host_of(peer)):
-            raise ExportRefused(f"export {name!r} is not allowed from {_host_of(peer)}")
+        if not export.allows(peer_host(peer)):
+            raise ExportRefused(f"export {name!r} is not allowed from {peer_host(peer)}")
         return export
 
     # ExportCatalog
     def list_exports(self, peer: str) -> list[tuple[str, str]]:
-        host = _host_of(peer)
+        host = peer_host(peer)
         with self._lock:
             exports = list(self._exports.values())
         return [(e.name, e.description) for e in exports if e.enabled and e.allows(host)]

@@ -810,10 +810,10 @@ class _Connection:
         without it (a simple reply, which cannot carry an error any more) the connection ends.
         """
         self._flush(more=True)
-        pos, end = offset, offset + length
+        end = offset + length
+        send = self._stream_sendfile if self.server.use_sendfile else self._stream_copy
         try:
-            pos = self._stream_sendfile(fd, pos, end) if self.server.use_sendfile else (
-                self._stream_copy(fd, pos, end))
+            send(fd, offset, end)
         except _ReadFailed as failure:
             log.warning("read for %s failed at %d: %s", self.info.peer, failure.at,
                         failure.__cause__)
@@ -823,7 +823,7 @@ class _Connection:
             return failure.at
         return None
 
-    def _stream_sendfile(self, fd: int, pos: int, end: int) -> int:
+    def _stream_sendfile(self, fd: int, pos: int, end: int) -> None:
         sock_fd = self.sock.fileno()
         while pos < end:
             try:
@@ -835,9 +835,8 @@ class _Connection:
             if sent == 0:
                 raise _ReadFailed(pos) from OSError(errno.EIO, "image file is short")
             pos += sent
-        return pos
 
-    def _stream_copy(self, fd: int, pos: int, end: int) -> int:
+    def _stream_copy(self, fd: int, pos: int, end: int) -> None:
         buffer = self._read_view()
         while pos < end:
             view = buffer[: min(len(buffer), end - pos)]
@@ -852,7 +851,6 @@ class _Connection:
             except OSError as exc:
                 raise _Disconnect(f"connection lost: {exc}") from exc
             pos += got
-        return pos
 
     def _send_zeroes(self, count: int) -> None:
         zeroes = memoryview(bytes(min(count, READ_PIECE)))

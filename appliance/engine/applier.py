@@ -6,17 +6,12 @@ import ipaddress
 import logging
 
 from nbdcore.backends import SparseFile
-from nbdcore.exports import Export, ExportRegistry
+from nbdcore.exports import Export, ExportRegistry, peer_host
 from nbdcore.server import NbdServer
 
 from .spec import EngineSpec, ExportSpec
 
 log = logging.getLogger(__name__)
-
-
-def _host(peer: str) -> str:
-    host, _, _ = peer.rpartition(":")
-    return host.strip("[]") if host else peer
 
 
 class SpecApplier:
@@ -69,7 +64,7 @@ class SpecApplier:
         self.current[new.name] = (new, export)
         dropped = self.server.close_connections(
             lambda info: info.export_name == new.name
-            and not (export.enabled and export.allows(_host(info.peer))))
+            and not (export.enabled and export.allows(peer_host(info.peer))))
         log.info("export %r: policy updated, %d client(s) no longer allowed", new.name, dropped)
 
     def _publish(self, spec: ExportSpec) -> None:

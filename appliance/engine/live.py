@@ -5,6 +5,7 @@ Every reader tolerates Redis being away: it answers "unknown" rather than failin
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -18,7 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def _client() -> Any:
-    return mailbox.connect(settings.REDIS_URL, timeout_s=0.5)
+    return _client_for(settings.REDIS_URL)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(url: str) -> Any:
+    """One client (and its connection pool) per URL, not one per call."""
+    return mailbox.connect(url, timeout_s=0.5)
 
 
 def export_live(name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ events wait in the deque and catch up, and what no longer fits is dropped and co
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 import threading
@@ -164,7 +165,7 @@ class EngineMetrics:
     def export_totals(self, live: list[ConnectionInfo]) -> dict[str, dict[str, Any]]:
         """Per export: counters of ended connections plus those of live ones."""
         with self._lock:
-            totals = {name: json.loads(json.dumps(t)) for name, t in self._closed_totals.items()}
+            totals = copy.deepcopy(self._closed_totals)
         for conn in live:
             total = totals.setdefault(conn.export_name or "", {"sessions": 0})
             _sum_stats(total, conn.stats.snapshot())

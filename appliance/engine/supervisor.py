@@ -38,6 +38,7 @@ class EngineSupervisor:
         self.drain_timeout_s = drain_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self._redis: Any = None  # made on first use, kept: the watchdog asks twice a second
         self._started_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,7 +85,9 @@ class EngineSupervisor:
         from . import mailbox
 
         try:
-            beat = mailbox.read_heartbeat(mailbox.connect(self.redis_url), self.node)
+            if self._redis is None:
+                self._redis = mailbox.connect(self.redis_url)
+            beat = mailbox.read_heartbeat(self._redis, self.node)
         except Exception:
             return False  # Redis away: that is not the engine's fault
         if beat is None or self.proc is None:

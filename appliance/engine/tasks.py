@@ -15,7 +15,7 @@ from celery import shared_task
 from django.conf import settings
 
 from . import mailbox
-from .spec import desired_spec
+from .spec import EngineSpec, desired_spec
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,16 @@ def _redis() -> Any:
     return mailbox.connect(settings.REDIS_URL)
 
 
+def _publish_desired(client: Any, node: str) -> EngineSpec:
+    """Write the exports ``node`` should serve where its engine polls for them."""
+    spec = desired_spec(node)
+    client.set(mailbox.desired_key(node), spec.to_json())
+    return spec
+
+
 @shared_task(name="engine.sync", ignore_result=True)
 def engine_sync(node: str) -> str:
-    spec = desired_spec(node)
-    _redis().set(mailbox.desired_key(node), spec.to_json())
-    return spec.digest
+    return _publish_desired(_redis(), node).digest
 
 
 @shared_task(name="engine.reconcile", ignore_result=True)
@@ -44,8 +49,7 @@ def engine_reconcile() -> dict[str, Any]:
     nodes = set(Export.objects.values_list("node", flat=True)) | {settings.APPLIANCE_NODE_NAME}
     report: dict[str, Any] = {}
     for node in sorted(nodes):
-        spec = desired_spec(node)
-        client.set(mailbox.desired_key(node), spec.to_json())
+        spec = _publish_desired(client, node)
         beat = mailbox.read_heartbeat(client, node)
         if beat is None or time.time() - float(beat.get("at", 0)) > mailbox.HEARTBEAT_TTL_S:
             state = "down"

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import make_sparse_image
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -70,15 +71,6 @@ def assert_consecutive(extents: list[Extent], offset: int, length: int) -> None:
         assert extent.flags in (DATA, HOLE), extents
         pos += extent.length
     assert pos == offset + length, extents
-
-
-def make_image(path: Path, size: int, islands: dict[int, bytes] | None = None) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for at, data in (islands or {}).items():
-            f.seek(at)
-            f.write(data)
-    return path
 
 
 def blocks(path: Path) -> int:
@@ -195,7 +187,7 @@ def test_read_only_memory_backend_declares_no_write_capabilities() -> None:
 
 
 def test_sparse_file_size_and_fd(tmp_path: Path) -> None:
-    path = make_image(tmp_path / "a.img", 3 * MIB + 512)
+    path = make_sparse_image(tmp_path / "a.img", 3 * MIB + 512)
     backend = SparseFile(path)
     try:
         assert backend.size == 3 * MIB + 512
@@ -220,7 +212,7 @@ def test_sparse_file_write_then_read(image: tuple[Path, SparseFile]) -> None:
 
 def test_sparse_file_extents_equal_seek_data_seek_hole(tmp_path: Path) -> None:
     islands = {0: b"a" * 100, 256 * KIB: b"b" * (64 * KIB), MIB - 1: b"c"}
-    path = make_image(tmp_path / "sparse.img", MIB, islands)
+    path = make_sparse_image(tmp_path / "sparse.img", MIB, islands)
     backend = SparseFile(path)
     try:
         extents = backend.extents(0, MIB)
@@ -236,7 +228,7 @@ def test_sparse_file_extents_equal_seek_data_seek_hole(tmp_path: Path) -> None:
 
 
 def test_sparse_file_extents_of_empty_image_is_one_hole(tmp_path: Path) -> None:
-    path = make_image(tmp_path / "empty.img", 4 * MIB)
+    path = make_sparse_image(tmp_path / "empty.img", 4 * MIB)
     backend = SparseFile(path)
     try:
         assert backend.extents(0, 4 * MIB) == [Extent(0, 4 * MIB, HOLE)]
@@ -247,7 +239,7 @@ def test_sparse_file_extents_of_empty_image_is_one_hole(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("offset", [0, 4096, MIB])
 def test_sparse_file_extents_of_an_empty_range_is_empty(tmp_path: Path, offset: int) -> None:
-    path = make_image(tmp_path / "sparse.img", MIB, {0: b"a" * 8192})
+    path = make_sparse_image(tmp_path / "sparse.img", MIB, {0: b"a" * 8192})
     backend = SparseFile(path)
     try:
         assert backend.extents(offset, 0) == []
@@ -259,7 +251,7 @@ def test_sparse_file_extents_of_an_empty_range_is_empty(tmp_path: Path, offset: 
 
 def test_sparse_file_extents_limit(tmp_path: Path) -> None:
     islands = {0: b"a", 128 * KIB: b"b", 256 * KIB: b"c"}
-    path = make_image(tmp_path / "sparse.img", MIB, islands)
+    path = make_sparse_image(tmp_path / "sparse.img", MIB, islands)
     backend = SparseFile(path)
     try:
         extents = backend.extents(0, MIB, limit=2)
@@ -342,7 +334,7 @@ def test_sparse_file_cache_and_sync_succeed(image: tuple[Path, SparseFile]) -> N
 
 
 def test_truncated_file_read_fails_with_eio(tmp_path: Path) -> None:
-    path = make_image(tmp_path / "t.img", MIB, {0: b"x" * (300 * KIB)})
+    path = make_sparse_image(tmp_path / "t.img", MIB, {0: b"x" * (300 * KIB)})
     backend = SparseFile(path)
     try:
         os.truncate(path, 200 * KIB)
@@ -358,7 +350,7 @@ def test_truncated_file_read_fails_with_eio(tmp_path: Path) -> None:
 
 
 def test_truncated_file_tail_is_not_reported_as_a_hole(tmp_path: Path) -> None:
-    path = make_image(tmp_path / "t.img", MIB, {0: b"x" * (64 * KIB)})
+    path = make_sparse_image(tmp_path / "t.img", MIB, {0: b"x" * (64 * KIB)})
     backend = SparseFile(path)
     try:
         os.truncate(path, 512 * KIB)
@@ -377,7 +369,7 @@ def test_truncated_file_tail_is_not_reported_as_a_hole(tmp_path: Path) -> None:
 
 
 def test_truncated_file_tail_inside_data_is_reported_as_data(tmp_path: Path) -> None:
-    path = make_image(tmp_path / "t.img", MIB, {0: b"x" * MIB})
+    path = make_sparse_image(tmp_path / "t.img", MIB, {0: b"x" * MIB})
     backend = SparseFile(path)
     try:
         os.truncate(path, 300 * KIB)
@@ -389,7 +381,7 @@ def test_truncated_file_tail_inside_data_is_reported_as_data(tmp_path: Path) -> 
 
 
 def test_read_only_sparse_file_refuses_writes(tmp_path: Path) -> None:
-    path = make_image(tmp_path / "ro.img", MIB, {0: b"abc"})
+    path = make_sparse_image(tmp_path / "ro.img", MIB, {0: b"abc"})
     backend = SparseFile(path, read_only=True)
     try:
         assert not backend.caps.can_write
