@@ -32,7 +32,15 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+    if ! "$PYTHON" -m venv .venv; then
+        # Debian's own python3 ships venv (with pip) in a separate package.
+        rm -rf .venv
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
+        "$PYTHON" -m venv .venv
+    fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
