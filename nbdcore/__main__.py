@@ -1,26 +1,33 @@
 """``python -m nbdcore serve IMAGE [--export NAME] ...``: a standalone NBD server.
 
 Like ``qemu-nbd`` or ``nbdkit file``: serves raw (sparse) image files. Several images may
-be given, each followed by its own ``--export``/``--description``/``--read-only``;
-an image without ``--export`` is the default export "". The first line printed on
-stdout is ``listening on HOST:PORT`` (useful with ``--port 0``).
+be given, each followed by its own ``--export``/``--description``/``--read-only`` and
+access policy (``--export-tls``, ``--allow-client``, ``--allow-network``,
+``--export-max-connections``); an image without ``--export`` is the default export "".
+The first line printed on stdout is ``listening on HOST:PORT`` (useful with ``--port 0``).
+
+TLS: ``--tls-certificates DIR`` takes nbdkit's and qemu's layout (ca-cert.pem,
+server-cert.pem, server-key.pem, ca-crl.pem); ``--tls`` picks the server-wide mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .backends import SparseFile
-from .exports import Export, ExportRegistry
+from .exports import TLS_POLICIES, Export, ExportRegistry
 from .protocol.constants import DEFAULT_PORT
+from .protocol.handshake import MAX_OPTION_LENGTH, TLS_MODES
 from .server import NbdServer
+from .tls import TlsConfigError, TlsSettings, server_context
 
 
 @dataclass
@@ -29,6 +36,10 @@ class _ImageSpec:
     export: str | None = None
     description: str = ""
     read_only: bool = False
+    tls: str = "off"
+    max_connections: str = "0"
+    allowed_clients: list[str] = field(default_factory=list)
+    allowed_networks: list[str] = field(default_factory=list)
 
 
 # Options that belong to the IMAGE written before them, and whether they take a value.
@@ -36,10 +47,16 @@ _IMAGE_OPTIONS = {
     "--export": "export", "-x": "export",
     "--description": "description", "-D": "description",
     "--read-only": "read_only", "-r": "read_only",
+    "--export-tls": "tls",
+    "--export-max-connections": "max_connections",
+    "--allow-client": "allowed_clients",
+    "--allow-network": "allowed_networks",
 }
 # Server-wide options that take a value (the others are switches).
 _VALUE_OPTIONS = {
     "--bind", "-b", "--port", "-p", "--handshake-timeout", "--max-connections", "--workers", "-w",
+    "--tls", "--tls-certificates", "--tls-cert", "--tls-key", "--tls-ca", "--tls-crl",
+    "--tls-psk-file", "--max-option-length",
 }
 
 
@@ -56,12 +73,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     image.add_argument("--export", "-x", metavar="NAME", help="export name (default \"\")")
     image.add_argument("--description", "-D", metavar="TEXT", help="export description")
     image.add_argument("--read-only", "-r", action="store_true", help="serve it read-only")
+    image.add_argument("--export-tls", choices=TLS_POLICIES, default="off",
+                       help="required: only clients that started TLS (default off)")
+    image.add_argument("--allow-client", metavar="NAME", action="append",
+                       help="only TLS clients whose certificate CN/DNS name or PSK identity "
+                            "is NAME (repeatable)")
+    image.add_argument("--allow-network", metavar="CIDR", action="append",
+                       help="only clients from this network (repeatable)")
+    image.add_argument("--export-max-connections", metavar="N", type=int, default=0,
+                       help="clients of this export at once (default no limit)")
     serve.add_argument("--bind", "-b", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", "-p", type=int, default=DEFAULT_PORT,
                        help="TCP port (0 picks a free one)")
     serve.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="drop clients that have not finished negotiating by then")
-    serve.add_argument("--max-connections", type=int, default=1024)
+    serve.add_argument("--max-connections", type=int, default=1024,
+                       help="connections at once; more are closed at accept")
+    serve.add_argument("--max-option-length", type=int, default=MAX_OPTION_LENGTH,
+                       metavar="BYTES", help="longest option payload a client may send")
+    tls = serve.add_argument_group("TLS")
+    tls.add_argument("--tls", choices=TLS_MODES, default=None,
+                     help="off: refuse STARTTLS; optional: clients choose; required: "
+                          "nothing but STARTTLS before TLS (default optional with "
+                          "certificates or PSK, else off)")
+    tls.add_argument("--tls-certificates", metavar="DIR",
+                     help="directory with server-cert.pem, server-key.pem and optionally "
+                          "ca-cert.pem (verify client certificates) and ca-crl.pem")
+    tls.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA that signs client certificates")
+    tls.add_argument("--tls-crl", metavar="FILE", help="revoked client certificates (PEM CRL)")
+    tls.add_argument("--tls-psk-file", metavar="FILE",
+                     help="identity:hexkey lines for TLS-PSK (Python 3.13 or newer)")
     serve.add_argument("--no-multi-conn", action="store_true",
                        help="do not advertise NBD_FLAG_CAN_MULTI_CONN")
     serve.add_argument("--workers", "-w", type=int, default=1, metavar="N",
@@ -95,7 +138,11 @@ def _split_images(
                 if not words:
                     serve.error(f"{name} needs a value")
                 inline = words.pop(0)
-            setattr(images[-1], field_name, inline)
+            current = getattr(images[-1], field_name)
+            if isinstance(current, list):
+                current.append(inline)
+            else:
+                setattr(images[-1], field_name, inline)
         elif word.startswith("-") and word != "-":
             rest.append(word)
             if name in _VALUE_OPTIONS and not eq and words:
@@ -118,7 +165,47 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     names = [spec.export if spec.export is not None else "" for spec in images]
     if len(set(names)) != len(names):
         serve.error("every IMAGE needs its own export name (only one may be the default \"\")")
+    for spec in images:
+        _check_image_policy(serve, spec)
+    args.tls_context = _tls_context(serve, args)
     return args
+
+
+def _check_image_policy(serve: argparse.ArgumentParser, spec: _ImageSpec) -> None:
+    if spec.tls not in TLS_POLICIES:
+        serve.error(f"--export-tls must be one of {', '.join(TLS_POLICIES)}")
+    try:
+        if int(spec.max_connections) < 0:
+            raise ValueError
+    except ValueError:
+        serve.error("--export-max-connections needs a number >= 0")
+    for network in spec.allowed_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            serve.error(f"--allow-network {network!r} is not a network (like 10.0.0.0/8)")
+
+
+def _tls_context(serve: argparse.ArgumentParser, args: argparse.Namespace) -> object:
+    if args.tls_certificates:
+        settings = TlsSettings.from_directory(args.tls_certificates, args.tls_psk_file)
+    else:
+        settings = TlsSettings(cert_file=args.tls_cert, key_file=args.tls_key,
+                               ca_file=args.tls_ca, crl_file=args.tls_crl,
+                               psk_file=args.tls_psk_file)
+    if settings.cert_file and not settings.key_file:
+        serve.error("--tls-cert needs --tls-key")
+    if not settings.cert_file and not settings.psk_file:
+        if args.tls not in (None, "off"):
+            serve.error(f"--tls {args.tls} needs --tls-certificates, --tls-cert/--tls-key "
+                        "or --tls-psk-file")
+        return None
+    if args.tls == "off":
+        return None
+    try:
+        return server_context(settings)
+    except TlsConfigError as exc:
+        serve.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,11 +242,18 @@ def _serve(args: argparse.Namespace, port: int, stop: threading.Event, *,
             description=spec.description,
             read_only=spec.read_only,
             multi_conn=not args.no_multi_conn,
+            tls=spec.tls,
+            allowed_clients=spec.allowed_clients,
+            allowed_networks=[ipaddress.ip_network(n, strict=False)
+                              for n in spec.allowed_networks],
+            max_connections=int(spec.max_connections),
         ))
     server = NbdServer(registry, host=args.bind, port=port,
                        handshake_timeout_s=args.handshake_timeout,
                        max_connections=args.max_connections, use_sendfile=args.sendfile,
-                       reuse_port=several)
+                       reuse_port=several, tls_context=args.tls_context,
+                       tls_mode=args.tls if args.tls_context is not None else "off",
+                       max_option_length=args.max_option_length)
     try:
         host, bound = server.start()
     except OSError as exc:

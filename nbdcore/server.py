@@ -15,6 +15,10 @@ replies come back through a per-connection queue and an eventfd, and only the co
 thread ever writes to its socket. Replies therefore go out as requests complete, which
 is not always the order they came in.
 
+TLS: after STARTTLS the connection's socket is an ``ssl.SSLSocket`` and the same loop runs
+over it; replies are written with ``sendall`` (there is no ``sendmsg`` through TLS, so small
+replies are joined first) and never with ``sendfile``.
+
 Bounded memory: a connection holds its receive buffer, at most ``MAX_QUEUED_OUT`` bytes of
 replies before they are sent, and at most ``MAX_OFFLOADED`` pool jobs; beyond that it
 stops reading requests, which pushes back on the client through TCP.
@@ -29,6 +33,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +44,15 @@ from .protocol import wire
 from .protocol.constants import Cmd, CmdFlag, NbdErrno
 from .protocol.errors import BackendFailure, CommandError, RemoteProtocolError
 from .protocol.exports import ExportUnknown
-from .protocol.handshake import NEED_DATA, Closed, ExportChosen, Handshake
+from .protocol.handshake import (
+    MAX_OPTION_LENGTH,
+    NEED_DATA,
+    TLS_MODES,
+    Closed,
+    ExportChosen,
+    Handshake,
+    StartTls,
+)
 from .protocol.transmission import (
     MAX_EXTENTS,
     Extent,
@@ -48,6 +61,7 @@ from .protocol.transmission import (
     nbd_errno,
 )
 from .stats import ConnectionInfo, NullObserver, Observer, notify
+from .tls import forget_psk_identity, peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,7 @@ MAX_QUEUED_OUT = 1 << 20  # reply bytes queued before they are sent
 MAX_OFFLOADED = 64  # pool jobs in flight per connection
 IOV_MAX = 1024
 ERROR_PROBE = 4096  # granularity of the search for the first failing byte of a read
+TLS_JOIN = 64 * 1024  # replies smaller than this are joined into one TLS write
 # Plain ints for the hot path: IntEnum/IntFlag arithmetic costs microseconds per request.
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
 _TRIM, _CACHE, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
@@ -74,6 +89,14 @@ _SOCKET_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno
 
 class _Disconnect(Exception):
     """Stop serving this connection (the reason is logged, nothing is sent)."""
+
+
+class _Refused(_Disconnect):
+    """Stop serving a client we turned away; ``kind`` is one word for statistics."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 class _ReadFailed(Exception):
@@ -106,6 +129,9 @@ class NbdServer:
         pool_workers: int = 4,
         use_sendfile: bool = False,
         reuse_port: bool = False,
+        tls_context: ssl.SSLContext | None = None,
+        tls_mode: str | None = None,
+        max_option_length: int = MAX_OPTION_LENGTH,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -118,6 +144,9 @@ class NbdServer:
         self.use_sendfile = use_sendfile
         # Several processes may listen on one port (SO_REUSEPORT): see --workers.
         self.reuse_port = reuse_port
+        self.max_option_length = max_option_length
+        self._tls: tuple[ssl.SSLContext | None, str] = (None, "off")
+        self.set_tls(tls_context, tls_mode)
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=pool_workers, thread_name_prefix="nbd-sync"
         )
@@ -147,6 +176,25 @@ class NbdServer:
         log.info("serving %s on %s:%d", ", ".join(map(repr, self.registry.names())),
                  self.host, self.port)
         return self.host, self.port
+
+    def set_tls(self, context: ssl.SSLContext | None, mode: str | None = None) -> None:
+        """Use ``context`` for STARTTLS from now on; ``mode`` is "off", "optional" or
+        "required" (default: "optional" with a context, "off" without).
+
+        Connections already open keep the context they started with, so rotating the
+        server certificate does not disturb connected clients.
+        """
+        if mode is None:
+            mode = "optional" if context is not None else "off"
+        if mode not in TLS_MODES:
+            raise ValueError(f"TLS mode must be one of {TLS_MODES}, not {mode!r}")
+        if mode != "off" and context is None:
+            raise ValueError(f"TLS mode {mode!r} needs a TLS context")
+        self._tls = (context if mode != "off" else None, mode)
+
+    @property
+    def tls_mode(self) -> str:
+        return self._tls[1]
 
     def connections(self) -> list[ConnectionInfo]:
         with self._lock:
@@ -213,11 +261,18 @@ class NbdServer:
             with self._lock:
                 too_many = len(self._connections) >= self.max_connections
             if too_many:
-                log.warning("refusing %s: %d connections already", _format_peer(address),
-                            self.max_connections)
-                sock.close()
+                self._refuse_at_accept(sock, _format_peer(address))
                 continue
             self._spawn(sock, _format_peer(address))
+
+    def _refuse_at_accept(self, sock: socket.socket, peer: str) -> None:
+        log.warning("refusing %s: %d connections already", peer, self.max_connections)
+        sock.close()
+        info = ConnectionInfo(peer=peer, closed_at=time.time(), refusal_kind="too_many_connections",
+                              refusal=f"the server has its limit of {self.max_connections} "
+                                      "connections")
+        info.close_reason = info.refusal or ""
+        notify(self.observer, "connection_refused", info)
 
     def _spawn(self, sock: socket.socket, peer: str) -> None:
         conn = _Connection(self, sock, peer)
@@ -240,7 +295,11 @@ class _Connection:
         self.stats = self.info.stats
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
         self.export: Export | None = None
+        self.attached = False  # counted against the export's connection limit
         self.tx: Transmission | None = None
+        self.tls = False
+        self.use_sendfile = server.use_sendfile  # never through TLS
+        self._hs: Handshake | None = None
         self._read_buffer: memoryview | None = None
         self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
@@ -267,10 +326,15 @@ class _Connection:
             if leftover is not None:
                 notify(self.server.observer, "handshake_finished", self.info)
                 reason = self._transmission(leftover)
+        except _Refused as exc:
+            reason = str(exc)
+            self._note_refusal(exc.kind, reason)
         except _Disconnect as exc:
             reason = str(exc)
         except RemoteProtocolError as exc:
             reason = f"protocol error: {exc}"
+            if self.tx is None:
+                self._note_refusal("protocol", reason)
             log.warning("closing %s: %s", self.info.peer, exc)
         except (ConnectionError, TimeoutError) as exc:
             reason = f"connection lost: {exc}"
@@ -282,12 +346,29 @@ class _Connection:
         finally:
             self._close(reason)
 
+    def _note_refusal(self, kind: str, reason: str) -> None:
+        if self.info.refusal is None:
+            self.info.refusal_kind = kind
+            self.info.refusal = reason
+
     def _close(self, reason: str) -> None:
         with self._closed_lock:
             self._closed = True
             if self._efd >= 0:
                 os.close(self._efd)
                 self._efd = -1
+        if self.attached and self.export is not None:
+            self.server.registry.detach(self.export)
+            self.attached = False
+        hs = self._hs
+        if hs is not None:
+            asked = [o.export for o in hs.record.options if o.export is not None]
+            self.info.requested_export = asked[-1] if asked else None
+            if self.tx is None and hs.refusal is not None:
+                # It went away after being told no (GO refused, then ABORT or EOF).
+                self._note_refusal(hs.refusal.kind, hs.refusal.reason)
+        if self.tls:
+            self._close_tls()
         try:
             self.sock.close()
         except OSError:
@@ -297,17 +378,29 @@ class _Connection:
         log.debug("connection %s closed: %s", self.info.peer, reason)
         self.server._forget(self)
         notify(self.server.observer, "connection_closed", self.info)
+        if self.info.refusal is not None:
+            notify(self.server.observer, "connection_refused", self.info)
+
+    def _close_tls(self) -> None:
+        """Best effort close_notify, so clients see a clean TLS end; never wait long."""
+        try:
+            self.sock.settimeout(0.2)
+            self.sock.unwrap()  # type: ignore[attr-defined]
+        except (OSError, ValueError):
+            pass
 
     def stop_reading(self) -> None:
         """Server shutdown: the next receive sees EOF; queued requests still complete."""
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        self._shutdown(socket.SHUT_RD)
 
     def abort(self) -> None:
+        self._shutdown(socket.SHUT_RDWR)
+
+    def _shutdown(self, how: int) -> None:
+        # socket.socket's own method: SSLSocket.shutdown would tear down the TLS object
+        # under the connection thread's feet; shutting the descriptor wakes it cleanly.
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, how)
         except OSError:
             pass
 
@@ -315,42 +408,84 @@ class _Connection:
 
     def _handshake(self) -> bytes | None:
         """Run the handshake; the bytes the client sent past it, or None if it ended."""
-        hs = Handshake(self.server.registry, self.info.peer)
+        tls_context, tls_mode = self.server._tls
+        hs = Handshake(self.server.registry, self.info.peer, tls_mode=tls_mode,
+                       max_option_length=self.server.max_option_length)
+        self._hs = hs
         self.info.record = hs.record
-        sock = self.sock
         deadline = time.monotonic() + self.server.handshake_timeout_s
         while True:
             event = hs.next_event()
             out = hs.data_to_send()
             if out:
                 try:
-                    sock.sendall(out)
+                    self.sock.sendall(out)
                 except OSError:
                     if isinstance(event, Closed):  # a client may close before reading ABORT's ACK
                         return None
                     raise
             if isinstance(event, ExportChosen):
-                try:
-                    self.export = self.server.registry.get(event.negotiated.export.name)
-                except ExportUnknown as exc:  # removed between GO and now
-                    raise _Disconnect(str(exc)) from exc
+                self._attach(event.negotiated.export.name)
                 self.tx = Transmission(event.negotiated)
-                sock.settimeout(None)
+                self.sock.settimeout(None)
                 return hs.take_buffered()
+            if isinstance(event, StartTls):
+                assert tls_context is not None  # the machine refuses STARTTLS without one
+                self._start_tls(hs, tls_context, deadline)
+                continue
             if isinstance(event, Closed):
                 raise _Disconnect(event.reason)
             assert event is NEED_DATA
-            if self.server._stopping.is_set():
-                raise _Disconnect("server shutting down")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Disconnect("handshake took too long")
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(65536)
-            except TimeoutError as exc:
-                raise _Disconnect("handshake took too long") from exc
-            hs.receive_data(data)
+            hs.receive_data(self._handshake_recv(deadline))
+
+    def _handshake_recv(self, deadline: float) -> bytes:
+        if self.server._stopping.is_set():
+            raise _Disconnect("server shutting down")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Refused("timeout", "handshake took too long")
+        self.sock.settimeout(remaining)
+        try:
+            return self.sock.recv(65536)
+        except TimeoutError as exc:
+            raise _Refused("timeout", "handshake took too long") from exc
+
+    def _start_tls(self, hs: Handshake, context: ssl.SSLContext, deadline: float) -> None:
+        """STARTTLS was acknowledged: TLS handshake within the same deadline, then the
+        options start again over TLS."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Refused("timeout", "handshake took too long")
+        self.sock.settimeout(remaining)
+        forget_psk_identity()
+        try:
+            tls_sock = context.wrap_socket(self.sock, server_side=True,
+                                           do_handshake_on_connect=False)
+            self.sock = tls_sock
+            tls_sock.do_handshake()
+        except TimeoutError as exc:
+            raise _Refused("timeout", "TLS handshake took too long") from exc
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise _Refused("tls_handshake", f"TLS handshake failed: {_ssl_reason(exc)}") from exc
+        self.tls = True
+        self.use_sendfile = False
+        names, serial = peer_identity(tls_sock)
+        forget_psk_identity()
+        self.info.tls_names, self.info.tls_serial = names, serial
+        hs.tls_started(names)
+
+    def _attach(self, name: str) -> None:
+        """Take the export the client chose, within its connection limit."""
+        registry = self.server.registry
+        try:
+            export = registry.get(name)
+        except ExportUnknown as exc:  # removed between GO and now
+            raise _Disconnect(str(exc)) from exc
+        if not registry.attach(export):
+            raise _Refused("limit", f"export {name!r} already has its limit of "
+                                    f"{export.max_connections} clients")
+        self.export = export
+        self.attached = True
 
     # ------------------------------------------------------------ transmission
 
@@ -405,6 +540,8 @@ class _Connection:
 
     def _wait_readable(self) -> None:
         """With jobs in the pool, wait for either the socket or a finished job."""
+        if self.tls and self.sock.pending():  # type: ignore[attr-defined]
+            return  # decrypted bytes wait inside TLS: poll would not see them
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         poller.register(self._efd, select.POLLIN)
@@ -684,7 +821,7 @@ class _Connection:
             len(extents) == 1
             and not extents[0].is_hole
             and OFFLOAD_READ_MIN <= req.length <= READ_PIECE
-            and not self.server.use_sendfile
+            and not self.use_sendfile
         ):
             fd = backend.read_fd()
             if fd is not None and self._offload_read(req, t0, fd):
@@ -718,7 +855,7 @@ class _Connection:
         assert tx is not None
         fd = backend.read_fd()
         if fd is not None and length >= LARGE_READ:
-            if length <= READ_PIECE and not self.server.use_sendfile:
+            if length <= READ_PIECE and not self.use_sendfile:
                 return self._read_buffered(req, fd, offset, length, last=last)
             self._queue(tx.data_chunk_header(req, offset, length, done=False))
             failed_at = self._stream(fd, offset, length)
@@ -811,7 +948,7 @@ class _Connection:
         """
         self._flush(more=True)
         end = offset + length
-        send = self._stream_sendfile if self.server.use_sendfile else self._stream_copy
+        send = self._stream_sendfile if self.use_sendfile else self._stream_copy
         try:
             send(fd, offset, end)
         except _ReadFailed as failure:
@@ -884,7 +1021,9 @@ class _Connection:
 
     def _flush(self, more: bool = False) -> None:
         out = self._out
-        if out:
+        if out and self.tls:
+            self._flush_tls(out)
+        elif out:
             flags = socket.MSG_MORE if more else 0
             sock = self.sock
             while out:
@@ -908,6 +1047,31 @@ class _Connection:
             for t0 in self._timed:
                 record(now - t0)
             self._timed.clear()
+
+    def _flush_tls(self, out: list[bytes | memoryview]) -> None:
+        """sendall per piece, small pieces joined first so they share TLS records."""
+        sock = self.sock
+        small: list[bytes | memoryview] = []
+        small_bytes = 0
+        try:
+            for piece in out:
+                if len(piece) >= TLS_JOIN:
+                    if small:
+                        sock.sendall(b"".join(small))
+                        small, small_bytes = [], 0
+                    sock.sendall(piece)
+                    continue
+                small.append(piece)
+                small_bytes += len(piece)
+                if small_bytes >= TLS_JOIN:
+                    sock.sendall(b"".join(small))
+                    small, small_bytes = [], 0
+            if small:
+                sock.sendall(b"".join(small))
+        except OSError as exc:
+            raise _Disconnect(f"connection lost: {exc}") from exc
+        out.clear()
+        self._out_bytes = 0
 
     # ------------------------------------------------------------ offloaded jobs
 
@@ -1043,6 +1207,13 @@ class _Done:
         self.error_name = error_name
         self.bytes_read = bytes_read
         self.buffer = buffer
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """The part of an ssl error worth showing an operator ("certificate revoked")."""
+    if isinstance(exc, ssl.SSLError):
+        return getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
 
 
 def _drop_sent(out: list[bytes | memoryview], sent: int) -> None:

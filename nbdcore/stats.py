@@ -89,10 +89,21 @@ class ConnectionInfo:
     close_reason: str = ""
     record: NegotiationRecord = field(default_factory=NegotiationRecord)
     stats: ConnectionStats = field(default_factory=ConnectionStats)
+    # What TLS verified: certificate CN/DNS names or the PSK identity, and the serial.
+    tls_names: tuple[str, ...] = ()
+    tls_serial: int | None = None
+    # Set when the client did not get what it asked for (see Observer.connection_refused).
+    refusal: str | None = None
+    refusal_kind: str = ""
+    requested_export: str | None = None
 
     @property
     def export_name(self) -> str | None:
         return self.record.export_name
+
+    @property
+    def tls(self) -> bool:
+        return self.record.tls
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -102,6 +113,11 @@ class ConnectionInfo:
             "opened_at": self.opened_at,
             "closed_at": self.closed_at,
             "close_reason": self.close_reason,
+            "tls_names": list(self.tls_names),
+            "tls_serial": self.tls_serial,
+            "refusal": self.refusal,
+            "refusal_kind": self.refusal_kind,
+            "requested_export": self.requested_export,
             "negotiated": self.record.to_dict(),
             "stats": self.stats.snapshot(),
         }
@@ -116,6 +132,10 @@ class Observer(Protocol):
 
     def connection_closed(self, conn: ConnectionInfo) -> None: ...
 
+    def connection_refused(self, conn: ConnectionInfo) -> None:
+        """A client was refused; ``conn.refusal`` says why. Called after connection_closed,
+        or alone for a connection turned away at accept (too many connections)."""
+
 
 class NullObserver:
     def connection_opened(self, conn: ConnectionInfo) -> None:
@@ -127,10 +147,16 @@ class NullObserver:
     def connection_closed(self, conn: ConnectionInfo) -> None:
         pass
 
+    def connection_refused(self, conn: ConnectionInfo) -> None:
+        pass
+
 
 def notify(observer: Observer, method: str, conn: ConnectionInfo) -> None:
     """Call an observer without letting its failure reach the engine."""
+    callback = getattr(observer, method, None)
+    if callback is None:  # observers written before an event existed
+        return
     try:
-        getattr(observer, method)(conn)
+        callback(conn)
     except Exception:
         log.exception("observer %s failed for connection %s", method, conn.id)

@@ -2,7 +2,14 @@
 
 from .constants import BASE_ALLOCATION, Cmd, CmdFlag, NbdErrno, Opt, Rep, TransmissionFlag
 from .errors import CommandError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .exports import ExportCatalog, ExportInfo, ExportRefused, ExportUnknown
+from .exports import (
+    Client,
+    ExportCatalog,
+    ExportInfo,
+    ExportNeedsTls,
+    ExportRefused,
+    ExportUnknown,
+)
 from .handshake import (
     NEED_DATA,
     Closed,
@@ -11,6 +18,8 @@ from .handshake import (
     HandshakeState,
     Negotiated,
     NegotiationRecord,
+    Refusal,
+    StartTls,
 )
 from .transmission import Extent, Transmission, command_name, nbd_errno
 from .wire import Request
@@ -18,6 +27,7 @@ from .wire import Request
 __all__ = [
     "BASE_ALLOCATION",
     "NEED_DATA",
+    "Client",
     "Closed",
     "Cmd",
     "CmdFlag",
@@ -25,6 +35,7 @@ __all__ = [
     "ExportCatalog",
     "ExportChosen",
     "ExportInfo",
+    "ExportNeedsTls",
     "ExportRefused",
     "ExportUnknown",
     "Extent",
@@ -36,9 +47,11 @@ __all__ = [
     "NegotiationRecord",
     "Opt",
     "ProtocolError",
+    "Refusal",
     "RemoteProtocolError",
     "Rep",
     "Request",
+    "StartTls",
     "Transmission",
     "TransmissionFlag",
     "command_name",

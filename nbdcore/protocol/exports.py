@@ -60,19 +60,51 @@ class ExportInfo:
         return int(flags)
 
 
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who is asking: the peer's address and what TLS proved about it.
+
+    ``names`` are the identities TLS verified: the client certificate's subject CN and DNS
+    names, or the PSK identity. Without TLS a client has no names, only an address.
+    """
+
+    peer: str
+    tls: bool = False
+    names: tuple[str, ...] = ()
+
+
 class ExportUnknown(Exception):
     """No export by that name (NBD_REP_ERR_UNKNOWN)."""
 
+    kind = "unknown_export"
+
 
 class ExportRefused(Exception):
-    """The export exists but this client may not use it (NBD_REP_ERR_POLICY)."""
+    """The export exists but this client may not use it (NBD_REP_ERR_POLICY).
+
+    ``kind`` says why in one word for refusal statistics: "not_allowed" (address),
+    "client_not_allowed" (TLS identity), "disabled", "limit" (connection limit).
+    """
+
+    def __init__(self, message: str, kind: str = "not_allowed") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ExportNeedsTls(ExportRefused):
+    """The export is served only over TLS and this client has not started it
+    (NBD_REP_ERR_TLS_REQD)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="tls_required")
 
 
 class ExportCatalog(Protocol):
-    def list_exports(self, peer: str) -> list[tuple[str, str]]:
-        """(name, description) of every export this peer may see."""
+    def list_exports(self, client: Client) -> list[tuple[str, str]]:
+        """(name, description) of every export this client may see."""
         ...
 
-    def lookup(self, name: str, peer: str) -> ExportInfo:
-        """The export called ``name`` ("" = default); raises ExportUnknown/ExportRefused."""
+    def lookup(self, name: str, client: Client) -> ExportInfo:
+        """The export called ``name`` ("" = default); raises ExportUnknown, ExportRefused
+        or ExportNeedsTls."""
         ...

@@ -12,7 +12,15 @@ then loops::
 States: CLIENT_FLAGS (waiting for the u32 client flags) -> OPTIONS (one option at a time,
 each answered completely before the next is read, as the standard lets a server do) ->
 TRANSMISSION (after NBD_OPT_GO's ACK or NBD_OPT_EXPORT_NAME's reply) or CLOSED (ABORT, EOF,
-or an EXPORT_NAME refused). Breaking a MUST of the framing (unknown client flag, wrong
+or an EXPORT_NAME refused).
+
+TLS: ``tls_mode`` is the server's mode for this connection: "off" (STARTTLS is refused),
+"optional" (the standard's SELECTIVETLS: options in clear text, TLS-only exports answer
+NBD_REP_ERR_TLS_REQD) or "required" (FORCEDTLS: everything but STARTTLS and ABORT answers
+NBD_REP_ERR_TLS_REQD until TLS is up). A STARTTLS the machine accepts queues its ACK and
+returns ``StartTls``: the I/O layer sends the ACK, runs the TLS handshake on the socket and
+calls ``tls_started(names)`` (or drops the connection); everything negotiated before is
+forgotten, as the standard requires. Breaking a MUST of the framing (unknown client flag, wrong
 option magic, an option longer than the cap) raises ``RemoteProtocolError`` and leaves the
 machine in ERROR: the only answer is a hard disconnect.
 
@@ -38,17 +46,26 @@ from .constants import (
     Rep,
 )
 from .errors import RemoteProtocolError
-from .exports import ExportCatalog, ExportInfo, ExportRefused, ExportUnknown
+from .exports import (
+    Client,
+    ExportCatalog,
+    ExportInfo,
+    ExportNeedsTls,
+    ExportRefused,
+    ExportUnknown,
+)
 
 SERVER_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 MAX_OPTION_LENGTH = 64 * 1024  # no legal option needs more than a few KiB
 MAX_OPTIONS = 1024  # per connection; the handshake deadline bounds the time anyway
 BASE_ALLOCATION_ID = 1
+TLS_MODES = ("off", "optional", "required")
 
 
 class HandshakeState(enum.Enum):
     CLIENT_FLAGS = "client_flags"
     OPTIONS = "options"
+    STARTING_TLS = "starting_tls"  # STARTTLS acknowledged; the I/O layer runs TLS
     TRANSMISSION = "transmission"
     CLOSED = "closed"
     ERROR = "error"
@@ -84,6 +101,24 @@ class Closed:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Send the queued ACK, then run the TLS handshake and call ``tls_started``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why this client did not get the export it asked for (the last such answer).
+
+    ``kind`` is one word for statistics: unknown_export, not_allowed, client_not_allowed,
+    disabled, limit, tls_required.
+    """
+
+    kind: str
+    reason: str
+    export: str | None = None
+
+
 @dataclass(slots=True)
 class OptionSeen:
     option: int
@@ -111,6 +146,7 @@ class NegotiationRecord:
     block_size: tuple[int, int, int] | None = None
     transmission_flags: int = 0
     tls: bool = False
+    tls_names: list[str] = field(default_factory=list)  # identities TLS verified
     via: str | None = None  # "GO" or "EXPORT_NAME"
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,11 +211,17 @@ class Handshake:
         catalog: ExportCatalog,
         peer: str = "",
         *,
+        tls_mode: str = "off",
         max_option_length: int = MAX_OPTION_LENGTH,
         max_options: int = MAX_OPTIONS,
     ) -> None:
+        if tls_mode not in TLS_MODES:
+            raise ValueError(f"tls_mode must be one of {TLS_MODES}, not {tls_mode!r}")
         self.catalog = catalog
         self.peer = peer
+        self.client = Client(peer)
+        self.tls_mode = tls_mode
+        self.refusal: Refusal | None = None
         self.max_option_length = max_option_length
         self.max_options = max_options
         self.state = HandshakeState.CLIENT_FLAGS
@@ -215,6 +257,23 @@ class Handshake:
         self._in.clear()
         return rest
 
+    def tls_started(self, names: tuple[str, ...] = ()) -> None:
+        """The TLS handshake succeeded; ``names`` are the identities it verified.
+
+        Bytes that arrived in clear text after STARTTLS could only have been injected by a
+        man in the middle (a client must wait for the ACK): refuse them.
+        """
+        if self.state is not HandshakeState.STARTING_TLS:
+            raise RemoteProtocolError("tls_started() without an accepted STARTTLS")
+        if self._in:
+            self.state = HandshakeState.ERROR
+            raise RemoteProtocolError("clear-text bytes after NBD_OPT_STARTTLS")
+        self._reset_negotiation()
+        self.client = Client(self.peer, tls=True, names=tuple(names))
+        self.record.tls = True
+        self.record.tls_names = list(names)
+        self.state = HandshakeState.OPTIONS
+
     def next_event(self) -> object:
         try:
             return self._next_event()
@@ -228,6 +287,8 @@ class Handshake:
                 raise RemoteProtocolError("handshake already failed")
             if self.state in (HandshakeState.TRANSMISSION, HandshakeState.CLOSED):
                 raise RemoteProtocolError(f"handshake is over ({self.state.value})")
+            if self.state is HandshakeState.STARTING_TLS:
+                raise RemoteProtocolError("waiting for the TLS handshake (call tls_started)")
             if self.state is HandshakeState.CLIENT_FLAGS:
                 if len(self._in) < 4:
                     return self._need_data()
@@ -300,6 +361,11 @@ class Handshake:
         if self.shutting_down:
             self._error(seen, Rep.ERR_SHUTDOWN, "server is shutting down")
             return None
+        if self._tls_missing() and option != Opt.STARTTLS:
+            self._error(seen, Rep.ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS")
+            if option in (Opt.INFO, Opt.GO):
+                self._refuse("tls_required", "the server requires TLS", None)
+            return None
         handler = self._handlers.get(option)
         if handler is None:
             self._error(seen, Rep.ERR_UNSUP, f"option {option} is not supported")
@@ -310,8 +376,20 @@ class Handshake:
             self._error(seen, Rep.ERR_INVALID, str(exc))
             return None
 
+    def _tls_missing(self) -> bool:
+        """FORCEDTLS and no TLS yet."""
+        return self.tls_mode == "required" and not self.client.tls
+
+    def _refuse(self, kind: str, reason: str, export: str | None) -> None:
+        self.refusal = Refusal(kind=kind, reason=reason, export=export)
+
     def _opt_export_name(self, data: bytes, seen: OptionSeen) -> object:
         self.record.via = "EXPORT_NAME"
+        if self._tls_missing():
+            self.state = HandshakeState.CLOSED
+            seen.reply = "CLOSED"
+            self._refuse("tls_required", "NBD_OPT_EXPORT_NAME without TLS", None)
+            return Closed("NBD_OPT_EXPORT_NAME before TLS on a server that requires it")
         if self._extended:
             self.state = HandshakeState.CLOSED
             seen.reply = "CLOSED"
@@ -326,10 +404,11 @@ class Handshake:
             seen.reply = "CLOSED"
             return Closed("NBD_OPT_EXPORT_NAME refused (bad name or shutting down)")
         try:
-            export = self.catalog.lookup(name, self.peer)
+            export = self.catalog.lookup(name, self.client)
         except (ExportUnknown, ExportRefused) as exc:
             self.state = HandshakeState.CLOSED
             seen.reply = "CLOSED"
+            self._refuse(exc.kind, self._refusal_text(exc), name)
             return Closed(f"NBD_OPT_EXPORT_NAME {name!r} refused: {exc}")
         negotiated = self._choose(export)
         self._out += wire.EXPORT_NAME_REPLY.pack(export.size, negotiated.flags)
@@ -341,14 +420,22 @@ class Handshake:
     def _opt_list(self, data: bytes, seen: OptionSeen) -> None:
         if data:
             raise _BadOption("NBD_OPT_LIST takes no data")
-        for name, description in self.catalog.list_exports(self.peer):
+        for name, description in self.catalog.list_exports(self.client):
             self._reply(seen, Rep.SERVER, wire.rep_server(name, description))
         self._reply(seen, Rep.ACK)
 
-    def _opt_starttls(self, data: bytes, seen: OptionSeen) -> None:
+    def _opt_starttls(self, data: bytes, seen: OptionSeen) -> object | None:
         if data:
             raise _BadOption("NBD_OPT_STARTTLS takes no data")
-        self._error(seen, Rep.ERR_POLICY, "TLS is not enabled on this server")
+        if self.tls_mode == "off":
+            self._error(seen, Rep.ERR_POLICY, "TLS is not enabled on this server")
+            return None
+        if self.client.tls:
+            self._error(seen, Rep.ERR_INVALID, "TLS is already active")
+            return None
+        self._reply(seen, Rep.ACK)
+        self.state = HandshakeState.STARTING_TLS
+        return StartTls()
 
     def _opt_structured_reply(self, data: bytes, seen: OptionSeen) -> None:
         if data:
@@ -375,12 +462,10 @@ class Handshake:
         seen.export = name
         go = seen.option == Opt.GO
         try:
-            export = self.catalog.lookup(name, self.peer)
-        except ExportUnknown as exc:
-            self._error(seen, Rep.ERR_UNKNOWN, str(exc) or f"no export named {name!r}")
-            return None
-        except ExportRefused as exc:
-            self._error(seen, Rep.ERR_POLICY, str(exc) or f"export {name!r} is not allowed")
+            export = self.catalog.lookup(name, self.client)
+        except (ExportUnknown, ExportRefused) as exc:
+            self._refuse(exc.kind, self._refusal_text(exc), name)
+            self._error(seen, self._refusal_reply(exc), self._refusal_text(exc))
             return None
         contexts = self._contexts if self._meta_export == export.name else {}
         flags = export.transmission_flags(
@@ -398,6 +483,7 @@ class Handshake:
         if Info.DESCRIPTION in requests:
             self._reply(seen, Rep.INFO, wire.info_text(Info.DESCRIPTION, export.description))
         self._reply(seen, Rep.ACK)
+        self.refusal = None  # the last export asked for was granted
         if not go:
             return None
         self.record.via = "GO"
@@ -472,12 +558,27 @@ class Handshake:
 
     def _lookup_for_meta(self, name: str, seen: OptionSeen) -> ExportInfo | None:
         try:
-            return self.catalog.lookup(name, self.peer)
+            return self.catalog.lookup(name, self.client)
         except ExportUnknown:
             self._error(seen, Rep.ERR_UNKNOWN, f"no export named {name!r}")
         except ExportRefused as exc:
-            self._error(seen, Rep.ERR_POLICY, str(exc) or f"export {name!r} is not allowed")
+            # The standard allows ERR_TLS_REQD only on INFO/GO/EXPORT_NAME in SELECTIVETLS;
+            # clients carry on to GO after a meta-context error and learn it there.
+            self._error(seen, Rep.ERR_POLICY, self._refusal_text(exc))
         return None
+
+    def _refusal_reply(self, exc: Exception) -> Rep:
+        if isinstance(exc, ExportUnknown):
+            return Rep.ERR_UNKNOWN
+        # ERR_TLS_REQD is never sent in NOTLS mode (there is no STARTTLS to offer).
+        if isinstance(exc, ExportNeedsTls) and self.tls_mode != "off":
+            return Rep.ERR_TLS_REQD
+        return Rep.ERR_POLICY
+
+    def _refusal_text(self, exc: Exception) -> str:
+        if isinstance(exc, ExportNeedsTls) and self.tls_mode == "off":
+            return f"{exc}, which this server does not offer"
+        return str(exc)
 
     _handlers: dict[int, Any] = {
         Opt.LIST: _opt_list,

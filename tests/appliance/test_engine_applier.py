@@ -12,6 +12,7 @@ from appliance.engine.applier import SpecApplier
 from appliance.engine.spec import EngineSpec, ExportSpec
 from nbdcore.exports import ExportRegistry
 from nbdcore.protocol.constants import Rep
+from nbdcore.protocol.exports import Client
 
 MiB = 1 << 20
 
@@ -62,7 +63,7 @@ def test_publish_change_policy_and_withdraw(engine) -> None:
         client, reply = go(server.port, "a")
         client.close()
         assert reply == Rep.ERR_POLICY
-        assert [name for name, _ in server.registry.list_exports("127.0.0.1:1")] == ["b"]
+        assert [name for name, _ in server.registry.list_exports(Client("127.0.0.1:1"))] == ["b"]
         # withdrawn: unknown
         applier.apply(EngineSpec(node="n", exports=(b,)))
         client, reply = go(server.port, "a")

@@ -55,6 +55,9 @@ class Recorder:
     def connection_closed(self, conn: ConnectionInfo) -> None:
         self._add("closed", conn)
 
+    def connection_refused(self, conn: ConnectionInfo) -> None:
+        self._add("refused", conn)
+
     def of(self, event: str) -> list[ConnectionInfo]:
         with self._lock:
             return [conn for name, conn in self.events if name == event]

@@ -210,7 +210,8 @@ def test_failed_handshake_is_recorded_without_handshake_event(server, recorder):
         assert client.option(Opt.ABORT)[-1].type == Rep.ACK
         assert client.server_closed()
     (info,) = closed_info(recorder)
-    assert recorder.for_connection(info.id) == ["opened", "closed"]
+    assert recorder.for_connection(info.id) == ["opened", "closed", "refused"]
+    assert info.refusal_kind == "unknown_export"
     assert [(o.name, o.reply) for o in info.record.options] == [
         ("STRUCTURED_REPLY", "ACK"),
         ("GO", "ERR_UNKNOWN"),

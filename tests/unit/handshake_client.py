@@ -18,7 +18,7 @@ from nbdcore.protocol.constants import (
     Info,
     Rep,
 )
-from nbdcore.protocol.handshake import NEED_DATA, Closed, ExportChosen, Handshake
+from nbdcore.protocol.handshake import NEED_DATA, Closed, ExportChosen, Handshake, StartTls
 
 OPTION_HEADER = struct.Struct(">QII")
 REPLY_HEADER = struct.Struct(">QIII")
@@ -181,5 +181,5 @@ def drive(hs: Handshake, data: bytes, *, eof: bool = False) -> list[object]:
     while True:
         event = hs.next_event()
         events.append(event)
-        if event is NEED_DATA or isinstance(event, ExportChosen | Closed):
+        if event is NEED_DATA or isinstance(event, ExportChosen | Closed | StartTls):
             return events

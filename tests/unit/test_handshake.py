@@ -21,7 +21,7 @@ from nbdcore.backends import MemoryBackend
 from nbdcore.exports import Export, ExportRegistry
 from nbdcore.protocol.constants import BASE_ALLOCATION, Info, Opt, Rep, TransmissionFlag
 from nbdcore.protocol.errors import RemoteProtocolError
-from nbdcore.protocol.exports import ExportInfo, ExportRefused, ExportUnknown
+from nbdcore.protocol.exports import Client, ExportInfo, ExportRefused, ExportUnknown
 from nbdcore.protocol.handshake import (
     MAX_OPTION_LENGTH,
     NEED_DATA,
@@ -78,10 +78,10 @@ def make_registry() -> ExportRegistry:
 class AliasCatalog:
     """Default export "" is an alias of "disk"; "secret" exists but is always refused."""
 
-    def list_exports(self, peer: str) -> list[tuple[str, str]]:
+    def list_exports(self, client: Client) -> list[tuple[str, str]]:
         return [("disk", "aliased")]
 
-    def lookup(self, name: str, peer: str) -> ExportInfo:
+    def lookup(self, name: str, client: Client) -> ExportInfo:
         if name in ("", "disk"):
             return ExportInfo(name="disk", size=SIZE, description="aliased")
         if name == "secret":
@@ -390,7 +390,7 @@ def test_go_chooses_export_with_no_padding_even_without_no_zeroes() -> None:
     (event,) = events
     assert isinstance(event, ExportChosen)
     assert event.negotiated == Negotiated(
-        export=make_registry().lookup("disk", PEER),
+        export=make_registry().lookup("disk", Client(PEER)),
         flags=RW_FLAGS,
         structured=False,
         extended=False,
