@@ -5,6 +5,7 @@ Kept apart from ``settings.py`` so they can be tested without reloading Django's
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -12,7 +13,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["database_from_url", "env_bool", "env_size", "parse_size", "secret_key"]
+from django.core.exceptions import ImproperlyConfigured
+
+__all__ = [
+    "database_from_url",
+    "env_bool",
+    "env_choice",
+    "env_number",
+    "env_server_names",
+    "env_size",
+    "is_host_name",
+    "parse_size",
+    "secret_key",
+]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -28,6 +41,65 @@ def parse_size(text: str) -> int:
 
 def env_size(name: str, default: str) -> int:
     return parse_size(os.environ.get(name) or default)
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of ``choices`` (case-insensitive); anything else is a configuration error."""
+    value = (os.environ.get(name) or default).strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(
+            f"{name} must be one of {', '.join(choices)}; got {os.environ.get(name)!r}"
+        )
+    return value
+
+
+def env_number(name: str, default: float, *, minimum: float, maximum: float,
+               integer: bool = True, size: bool = False) -> Any:
+    """An int (or a float with ``integer=False``; a size like ``64K`` with ``size=True``)
+    within ``[minimum, maximum]``."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    what = "a size in bytes" if size else "a whole number" if integer else "a number"
+    try:
+        value: float = parse_size(raw) if size else int(raw) if integer else float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be {what}; got {raw!r}") from None
+    if not minimum <= value <= maximum:  # also refuses nan
+        raise ImproperlyConfigured(
+            f"{name} must be {what} from {minimum:g} to {maximum:g}; got {raw!r}"
+        )
+    return value
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_host_name(value: str) -> bool:
+    """An RFC 1123 host name (letters, digits and '-' in dot-separated labels)."""
+    labels = value.split(".")
+    return 1 <= len(value) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def env_server_names(name: str) -> list[str]:
+    """Comma-separated host names (``*.example.net`` allowed) or IP addresses."""
+    out: list[str] = []
+    for item in (os.environ.get(name) or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            item = str(ipaddress.ip_address(item))
+        except ValueError:
+            host = item[2:] if item.startswith("*.") else item
+            if not is_host_name(host):
+                raise ImproperlyConfigured(
+                    f"{name} lists host names or IP addresses separated by commas; "
+                    f"{item!r} is neither"
+                ) from None
+        if item not in out:
+            out.append(item)
+    return out
 
 
 def env_bool(name: str, default: bool = False) -> bool:

@@ -12,6 +12,8 @@ from typing import ClassVar
 
 __all__ = [
     "ApplianceError",
+    "CertificateAlreadyRevoked",
+    "ClientNameTaken",
     "ExportNameTaken",
     "ImageFileMissing",
     "ImageInUse",
@@ -19,6 +21,8 @@ __all__ = [
     "ImageTooLarge",
     "InsufficientSpace",
     "InvalidEngineSnapshot",
+    "PskIdentityNameTaken",
+    "PskUnsupported",
     "QuotaExceeded",
     "ShrinkNotForced",
     "UploadIncomplete",
@@ -90,6 +94,32 @@ class ExportNameTaken(ApplianceError):
 
 class InvalidEngineSnapshot(ApplianceError):
     code = "invalid_engine_snapshot"
+    status = 400
+
+
+class ClientNameTaken(ApplianceError):
+    """Another certificate that is not revoked has this name (names select clients)."""
+
+    code = "client_name_taken"
+    status = 400
+    field = "name"
+
+
+class CertificateAlreadyRevoked(ApplianceError):
+    code = "certificate_already_revoked"
+    status = 409
+
+
+class PskIdentityNameTaken(ApplianceError):
+    code = "psk_identity_name_taken"
+    status = 400
+    field = "name"
+
+
+class PskUnsupported(ApplianceError):
+    """The engine's Python has no TLS-PSK callbacks (they came with Python 3.13)."""
+
+    code = "psk_unsupported"
     status = 400
 
 

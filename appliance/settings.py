@@ -13,6 +13,16 @@ APPLIANCE_STORAGE_RESERVE  free space never given to images (default 1G)
 APPLIANCE_NODE_NAME        node that serves new exports (default: the host name)
 NBD_BIND, NBD_PORT         where this node's engine listens (default 127.0.0.1, 10809)
 NBD_PUBLIC_HOST            host name clients use in nbd:// URIs (default NBD_BIND)
+NBD_TLS_MODE               off | optional | required: STARTTLS refused, offered, or demanded
+                           before anything else (default optional)
+NBD_HANDSHAKE_TIMEOUT      seconds a client has to finish negotiating (default 10)
+NBD_MAX_CONNECTIONS        connections the engine accepts at once (default 1024)
+NBD_MAX_OPTION_LENGTH      largest option payload a client may send (default 64K; 8K-16M)
+APPLIANCE_TLS_DIR          where the engine's certificates, key, CRL and PSK file are written
+                           (default var/tls)
+APPLIANCE_TLS_SERVER_NAMES extra names and addresses of the server certificate, comma
+                           separated (localhost, the node name, 127.0.0.1, ::1, NBD_PUBLIC_HOST
+                           and NBD_BIND unless a wildcard address are always in it)
 APPLIANCE_HISTORY_RETENTION  how long per-export samples are kept (default 7d, in seconds)
 APPLIANCE_METRICS_TOKEN    bearer token Prometheus may use for /metrics (default: none)
 """
@@ -23,7 +33,15 @@ import os
 import socket
 from pathlib import Path
 
-from .config import database_from_url, env_bool, env_size, secret_key
+from .config import (
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_number,
+    env_server_names,
+    env_size,
+    secret_key,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("APPLIANCE_VAR_DIR") or BASE_DIR / "var")
@@ -54,6 +72,7 @@ INSTALLED_APPS = [
     "appliance.storage",
     "appliance.exports",
     "appliance.sessions.apps.ClientSessionsConfig",
+    "appliance.pki",
     "frontend",
 ]
 
@@ -136,6 +155,16 @@ APPLIANCE_STORAGE_RESERVE = env_size("APPLIANCE_STORAGE_RESERVE", "1G")
 NBD_BIND = os.environ.get("NBD_BIND") or "127.0.0.1"
 NBD_PORT = int(os.environ.get("NBD_PORT") or 10809)
 NBD_PUBLIC_HOST = os.environ.get("NBD_PUBLIC_HOST") or NBD_BIND
+NBD_TLS_MODE = env_choice("NBD_TLS_MODE", ("off", "optional", "required"), "optional")
+NBD_HANDSHAKE_TIMEOUT = env_number("NBD_HANDSHAKE_TIMEOUT", 10.0, minimum=0.1, maximum=3600,
+                                   integer=False)
+NBD_MAX_CONNECTIONS = env_number("NBD_MAX_CONNECTIONS", 1024, minimum=1, maximum=1_000_000)
+NBD_MAX_OPTION_LENGTH = env_number("NBD_MAX_OPTION_LENGTH", 65536, minimum=8 << 10,
+                                   maximum=16 << 20, size=True)
+# The appliance's CA and server certificate live in the database (see appliance.pki);
+# the engine reads the copies written here.
+APPLIANCE_TLS_DIR = Path(os.environ.get("APPLIANCE_TLS_DIR") or VAR_DIR / "tls")
+APPLIANCE_TLS_SERVER_NAMES = env_server_names("APPLIANCE_TLS_SERVER_NAMES")
 APPLIANCE_HISTORY_RETENTION_S = int(os.environ.get("APPLIANCE_HISTORY_RETENTION") or 7 * 86400)
 APPLIANCE_METRICS_TOKEN = os.environ.get("APPLIANCE_METRICS_TOKEN", "")
 
@@ -186,6 +215,8 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
+    # A revocation reason is asked for and reported under two field names: one enum.
+    "ENUM_NAME_OVERRIDES": {"RevocationReasonEnum": "appliance.pki.models.RevocationReason"},
 }
 
 LOGGING = {

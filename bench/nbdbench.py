@@ -7,7 +7,10 @@ loopback TCP. Usage::
 
     python bench/nbdbench.py [--rounds 3] [--quick] [--only seqread_fio,randread16]
 
-The table is printed and written to bench/results/latest.md.
+The TLS rows (``*_tls``) run every server that can do TLS with TLS required, on a test PKI
+made by tests/tlsutil.py: nbdcore ``--tls required``, ``nbdkit --tls=require`` and qemu-nbd
+with a server ``tls-creds-x509`` object; client certificates are not asked for. The table
+is printed and written to bench/results/latest.md.
 """
 
 from __future__ import annotations
@@ -57,22 +60,31 @@ class Server:
     # Before start (image, port) and after the port opened (port): for the appliance engine.
     prepare: Callable[[Path, int], None] | None = None
     ready: Callable[[int], None] | None = None
+    # The same server with TLS required (image, port, certificates directory); None if it
+    # does not take part in the TLS rows.
+    tls_argv: Callable[[Path, int, Path], list[str]] | None = None
 
-    def start(self, image: Path, *, pin: bool = False) -> str:
+    def start(self, image: Path, *, pin: bool = False, tls: Path | None = None) -> str:
+        """Start on ``image``; with ``tls`` (a server certificates directory) TLS is
+        required and the URI is nbds://."""
         self.port = free_port()
         # Latency is set by the loopback round trip more than by the server: with client
         # and server on separate cores every server is measured on equal terms.
         prefix = ["taskset", "-c", "0"] if pin else []
         if self.prepare is not None:
             self.prepare(image, self.port)
+        if tls is not None:
+            assert self.tls_argv is not None
+            argv = self.tls_argv(image, self.port, tls)
+        else:
+            argv = self.argv(image, self.port)
         self.proc = subprocess.Popen(
-            prefix + self.argv(image, self.port), cwd=ROOT, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            prefix + argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
         if self.ready is not None:
             self.ready(self.port)
-        return f"nbd://127.0.0.1:{self.port}/"
+        return f"{'nbds' if tls else 'nbd'}://127.0.0.1:{self.port}/"
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -148,20 +160,80 @@ class ApplianceEngine:
 
 APPLIANCE_ENGINE = ApplianceEngine()
 
+def nbdcore_argv(*extra: str) -> Callable[[Path, int], list[str]]:
+    return lambda img, port: [sys.executable, "-m", "nbdcore", "serve", str(img), "--port",
+                              str(port), *extra]
+
+
+def nbdcore_tls_argv(*extra: str) -> Callable[[Path, int, Path], list[str]]:
+    return lambda img, port, certs: [*nbdcore_argv(*extra)(img, port), "--tls", "required",
+                                     "--tls-certificates", str(certs)]
+
+
+def nbdkit_argv(img: Path, port: int) -> list[str]:
+    return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)]
+
+
+def nbdkit_tls_argv(img: Path, port: int, certs: Path) -> list[str]:
+    return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--tls=require",
+            f"--tls-certificates={certs}", "file", str(img)]
+
+
+def qemu_nbd_argv(img: Path, port: int) -> list[str]:
+    return ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-e", "16", "-t",
+            str(img)]
+
+
+def qemu_nbd_tls_argv(img: Path, port: int, certs: Path) -> list[str]:
+    # verify-peer=off: like the others, TLS without asking for a client certificate.
+    return ["qemu-nbd", "--object",
+            f"tls-creds-x509,id=tls0,endpoint=server,dir={certs},verify-peer=off",
+            "--tls-creds", "tls0", *qemu_nbd_argv(img, port)[1:]]
+
+
 SERVERS = [
-    Server("nbdcore", lambda img, port: [
-        sys.executable, "-m", "nbdcore", "serve", str(img), "--port", str(port)]),
-    Server("nbdcore-w2", lambda img, port: [
-        sys.executable, "-m", "nbdcore", "serve", str(img), "--port", str(port),
-        "--workers", "2"]),
+    Server("nbdcore", nbdcore_argv(), tls_argv=nbdcore_tls_argv()),
+    Server("nbdcore-w2", nbdcore_argv("--workers", "2"),
+           tls_argv=nbdcore_tls_argv("--workers", "2")),
     Server("appliance", APPLIANCE_ENGINE.argv, prepare=APPLIANCE_ENGINE.prepare,
            ready=APPLIANCE_ENGINE.ready),
-    Server("nbdkit", lambda img, port: [
-        "nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(img)]),
-    Server("qemu-nbd", lambda img, port: [
-        "qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-e", "16", "-t",
-        str(img)]),
+    Server("nbdkit", nbdkit_argv, tls_argv=nbdkit_tls_argv),
+    Server("qemu-nbd", qemu_nbd_argv, tls_argv=qemu_nbd_tls_argv),
 ]
+
+
+@dataclass
+class BenchTls:
+    """Certificates for the TLS rows: the servers' directory, and the client's (the CA
+    only: the client checks the server, sends no certificate of its own)."""
+
+    server_dir: Path
+    client_dir: Path
+    home: Path  # $HOME for fio: see fio_env()
+
+    @classmethod
+    def create(cls, tmp: Path) -> BenchTls:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tlsutil import make_test_pki  # needs `cryptography` (in .venv)
+
+        pki = make_test_pki(tmp / "pki")
+        home = tmp / "fio-home"
+        shutil.copytree(pki.client("anonymous"), home / ".pki" / "libnbd")
+        return cls(server_dir=pki.server_dir, client_dir=pki.client("anonymous"), home=home)
+
+    def uri(self, uri: str) -> str:
+        """nbds:// URI with the client's certificates directory (nbdcopy, nbdinfo)."""
+        return f"{uri}?tls-certificates={self.client_dir}"
+
+    def fio_env(self) -> dict[str, str]:
+        """fio's nbd engine refuses local files in URIs (no ?tls-certificates=), so libnbd
+        looks in its default places: $HOME/.pki/libnbd, or /etc/pki/libnbd only for root.
+        Finding no directory it still negotiates TLS, without checking the server's
+        certificate against our CA: the encryption measured is the same."""
+        return {**os.environ, "HOME": str(self.home)}
+
+
+TLS: list[BenchTls] = []  # set in main() when a TLS row is selected
 
 
 @dataclass
@@ -173,15 +245,17 @@ class Workload:
     run: Callable[[str, Path], float]
     higher_is_better: bool = True
     pin: bool = False  # server on CPU 0, client on CPU 1
+    tls: bool = False  # servers with TLS required (those that have a tls_argv)
     results: dict[str, list[float]] = field(default_factory=dict)
 
 
-def fio(uri: str, *args: str, runtime: int, pin: bool = False) -> dict:
+def fio(uri: str, *args: str, runtime: int, pin: bool = False,
+        env: dict[str, str] | None = None) -> dict:
     prefix = ["taskset", "-c", "1"] if pin else []
     out = subprocess.run(
         [*prefix, "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
          f"--runtime={runtime}", "--time_based", "--group_reporting", *args],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )
     return json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
 
@@ -276,6 +350,13 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
         flood(uri, clients=64, bytes_each=64 * MiB)
         return CURRENT_SERVER[0].rss_kib() / 1024
 
+    def seqread_nbdcopy_tls(uri: str, image: Path) -> float:
+        return image.stat().st_size / MiB / timed(["nbdcopy", TLS[0].uri(uri), "null:"])
+
+    def randread16_tls(uri: str, _: Path) -> float:
+        return fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", runtime=runtime,
+                   env=TLS[0].fio_env())["read"]["iops"]
+
     def many_clients(uri: str, _: Path) -> float:
         job = fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", "--numjobs=8",
                   runtime=runtime)
@@ -300,6 +381,10 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
                  many_clients),
         Workload("memory_flood", "64 clients x 64 MiB writes in flight: peak RSS", "MiB",
                  "full", memory_under_write_flood, higher_is_better=False),
+        Workload("seqread_nbdcopy_tls", "TLS: seq read 1 GiB, nbdcopy -> null:", "MiB/s",
+                 "full", seqread_nbdcopy_tls, tls=True),
+        Workload("randread16_tls", "TLS: 4K rand read, iodepth 16", "IOPS", "full",
+                 randread16_tls, tls=True),
     ]
 
 
@@ -335,7 +420,9 @@ def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
     lines = [
         f"Medians of {rounds} interleaved rounds; ratio = nbdcore / peer, oriented so that "
         "> 1.00 means nbdcore is better; \"appliance\" is the same engine run by the "
-        "appliance's engine runner with live metrics to Redis.",
+        "appliance's engine runner with live metrics to Redis. TLS rows: TLS required "
+        "(nbdcore --tls required, nbdkit --tls=require, qemu-nbd tls-creds-x509), no client "
+        "certificate; servers without TLS in the benchmark show -.",
         "",
         "| workload | unit | " + " | ".join(names)
         + " | vs nbdkit | vs qemu-nbd | appliance vs bare |",
@@ -392,11 +479,16 @@ def main() -> int:
         if args.only:
             only = set(args.only.split(","))
             workloads = [w for w in workloads if w.name in only]
+        if any(w.tls for w in workloads):
+            TLS[:] = [BenchTls.create(tmp)]
         rss: dict[str, int] = {}
         for round_no in range(args.rounds):
             for w in workloads:
                 for server in SERVERS:
-                    uri = server.start(images[w.image], pin=w.pin)
+                    if w.tls and server.tls_argv is None:
+                        continue
+                    uri = server.start(images[w.image], pin=w.pin,
+                                       tls=TLS[0].server_dir if w.tls else None)
                     CURRENT_SERVER[:] = [server]
                     try:
                         value = w.run(uri, images[w.image])
@@ -404,7 +496,7 @@ def main() -> int:
                     finally:
                         server.stop()
                     w.results.setdefault(server.name, []).append(value)
-                    print(f"round {round_no + 1} {w.name:18} {server.name:9} "
+                    print(f"round {round_no + 1} {w.name:19} {server.name:9} "
                           f"{fmt(value, w.unit)} {w.unit}", flush=True)
     APPLIANCE_ENGINE.close()
     table = report(workloads, args.rounds, rss)

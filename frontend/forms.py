@@ -16,6 +16,7 @@ from django.core.exceptions import ValidationError
 
 from appliance.config import parse_size
 from appliance.errors import ApplianceError
+from appliance.exports.models import TlsPolicy
 from appliance.storage.models import Image
 
 T = TypeVar("T")
@@ -122,6 +123,49 @@ class NetworksField(forms.CharField):
         return value
 
 
+class NamesField(NetworksField):
+    """Client names separated by commas, spaces or new lines; the service checks them."""
+
+    widget = forms.Textarea(attrs={"rows": 2, "placeholder": "backup01, alice@example.org",
+                                   "spellcheck": "false"})
+
+
+class DefaultingChoiceField(forms.ChoiceField):
+    """A choice that may be left out: then it is ``initial``."""
+
+    def clean(self, value: Any) -> Any:
+        return super().clean(value) or self.initial
+
+
+class DefaultingIntegerField(forms.IntegerField):
+    def clean(self, value: Any) -> Any:
+        cleaned = super().clean(value)
+        return self.initial if cleaned is None else cleaned
+
+
+def _tls_policy() -> forms.ChoiceField:
+    return DefaultingChoiceField(
+        choices=TlsPolicy.choices, initial=TlsPolicy.OFF, required=False, label="TLS",
+        help_text="required: clients must use TLS (nbds://); optional: both are offered",
+    )
+
+
+def _allowed_clients() -> NamesField:
+    return NamesField(
+        required=False, label="Allowed clients",
+        help_text="names in client certificates (or PSK identities); TLS only; empty allows "
+        "every client",
+    )
+
+
+def _max_connections() -> forms.IntegerField:
+    return DefaultingIntegerField(
+        min_value=0, initial=0, required=False, label="Connection limit",
+        help_text="clients connected at once; 0 means no limit",
+        widget=forms.NumberInput(attrs={"min": 0}),
+    )
+
+
 class ExportCreateForm(forms.Form):
     name = forms.CharField(
         max_length=255, widget=forms.TextInput(attrs=_NAME_ATTRS),
@@ -137,4 +181,38 @@ class ExportCreateForm(forms.Form):
         required=False, label="Allowed networks",
         help_text="CIDR networks; empty allows every client",
     )
+    tls_policy = _tls_policy()
+    allowed_clients = _allowed_clients()
+    max_connections = _max_connections()
     enabled = forms.BooleanField(required=False, initial=True, label="Enabled")
+
+
+class ExportAccessForm(forms.Form):
+    """Who may use an export: changed in place (only refused clients are disconnected)."""
+
+    allowed_networks = NetworksField(
+        required=False, label="Allowed networks",
+        help_text="CIDR networks; empty allows every client",
+    )
+    tls_policy = _tls_policy()
+    allowed_clients = _allowed_clients()
+    max_connections = _max_connections()
+
+
+# ------------------------------------------------------------------ security (TLS)
+
+
+class ClientCertificateForm(forms.Form):
+    name = forms.CharField(
+        max_length=64, label="Client name", widget=forms.TextInput(attrs=_NAME_ATTRS),
+        help_text="the certificate's name (CN), as exports' allowed clients list it",
+    )
+    days = forms.IntegerField(min_value=1, max_value=3650, initial=365, label="Valid for (days)",
+                              widget=forms.NumberInput(attrs={"min": 1, "max": 3650}))
+
+
+class PskIdentityForm(forms.Form):
+    name = forms.CharField(
+        max_length=64, label="Identity", widget=forms.TextInput(attrs=_NAME_ATTRS),
+        help_text="the PSK identity, as exports' allowed clients list it",
+    )

@@ -24,4 +24,12 @@ urlpatterns = [
     path("exports/<int:pk>/toggle", views.export_toggle, name="export-toggle"),
     path("exports/<int:pk>/delete/", views.export_confirm_delete, name="export-delete"),
     path("features/", views.features, name="features"),
+    path("security/", views.security, name="security"),
+    path("security/ca-cert.pem", views.security_ca, name="security-ca"),
+    path("security/rotate", views.security_rotate, name="security-rotate"),
+    path("security/certificates/", views.security_issue, name="security-issue"),
+    path("security/certificates/<int:pk>/revoke", views.security_revoke,
+         name="security-revoke"),
+    path("security/psk/", views.security_psk_create, name="security-psk"),
+    path("security/psk/<int:pk>/delete", views.security_psk_delete, name="security-psk-delete"),
 ]

@@ -12,15 +12,22 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from appliance.engine.live import export_live, live_by_session, node_status
 from appliance.errors import ApplianceError, human_size
-from appliance.exports.models import Export
-from appliance.exports.selectors import export_list, export_uri
+from appliance.exports.models import Export, TlsPolicy
+from appliance.exports.selectors import (
+    export_list,
+    export_requires_tls,
+    export_tls_uri,
+    export_uri,
+    server_tls_mode,
+)
 from appliance.exports.services import export_delete, export_publish, export_update
-from appliance.sessions.models import FEATURES, Fingerprint
-from appliance.sessions.selectors import session_feature_stats, session_list
+from appliance.sessions.models import FEATURES, Fingerprint, RefusalKind
+from appliance.sessions.selectors import refusal_list, session_feature_stats, session_list
 from appliance.storage.selectors import image_list, image_usage, storage_usage
 from appliance.storage.services import (
     image_clone,
@@ -32,11 +39,14 @@ from appliance.storage.services import (
 
 from .csp import csp
 from .forms import (
+    ClientCertificateForm,
+    ExportAccessForm,
     ExportCreateForm,
     ImageCloneForm,
     ImageCreateForm,
     ImageGrowForm,
     ImageImportForm,
+    PskIdentityForm,
     call_service,
 )
 from .templatetags.dashboard import size
@@ -104,6 +114,47 @@ def _commands(uri: str, name: str) -> list[tuple[str, str]]:
         ("qemu-system-x86_64",
          f"qemu-system-x86_64 -m 2048 -drive file={uri},format=raw,if=virtio"),
     ]
+
+
+def client_dir(client: str) -> str:
+    """Where the commands shown expect a client's ca-cert.pem, client-cert.pem and
+    client-key.pem (the layout qemu's tls-creds-x509 and libnbd's tls-certificates read)."""
+    return f"$HOME/nbd-tls/{client}"
+
+
+def _tls_commands(export: Export, client: str) -> list[tuple[str, str]]:
+    """The same commands over TLS with the certificates of ``client``."""
+    from django.conf import settings
+
+    directory = client_dir(client)
+    uri = f"{export_tls_uri(export)}?tls-certificates={directory}"
+    creds = f"tls-creds-x509,id=tls0,endpoint=client,dir={directory}"
+    host, port = settings.NBD_PUBLIC_HOST, settings.NBD_PORT
+    nbd = f"host={host},port={port},export={export.name},tls-creds=tls0"
+    file_nbd = ",".join(f"file.{part}" for part in nbd.split(","))
+    return [
+        ("nbdinfo", f'nbdinfo "{uri}"'),
+        ("qemu-img", f"qemu-img info --object {creds} --image-opts driver=raw,file.driver=nbd,"
+                     f"{file_nbd}"),
+        ("nbdcopy", f'nbdcopy --progress "{uri}" {export.name}.raw'),
+        ("qemu-system-x86_64",
+         f"qemu-system-x86_64 -m 2048 -object {creds} -drive driver=raw,file.driver=nbd,"
+         f"{file_nbd},if=virtio"),
+    ]
+
+
+def _connect_context(export: Export) -> dict[str, Any]:
+    """The URIs and command lines an export's page offers, as its TLS policy allows."""
+    uri = export_uri(export)
+    tls_uri = export_tls_uri(export)
+    client = export.allowed_clients[0] if export.allowed_clients else "CLIENT"
+    plain = [] if export_requires_tls(export) else _commands(uri, export.name)
+    return {
+        "uri": uri, "tls_uri": tls_uri, "commands": plain,
+        "tls_commands": _tls_commands(export, client) if tls_uri else [],
+        "tls_client_dir": client_dir(client),
+        "tls_unavailable": server_tls_mode() == "off" and export_requires_tls(export),
+    }
 
 
 def _total(stats: dict[str, Any], key: str) -> int:
@@ -330,20 +381,35 @@ def exports(request: HttpRequest) -> HttpResponse:
 
 
 @page
-@require_GET
+@require_http_methods(["GET", "POST"])
 def export_detail(request: HttpRequest, pk: int) -> HttpResponse:
     export = get_object_or_404(export_list(), pk=pk)
-    uri = export_uri(export)
-    return render(request, "frontend/export_detail.html", {
-        "nav": "exports", "export": export, "uri": uri,
-        "commands": _commands(uri, export.name), **_export_live_context(export),
+    access = ExportAccessForm(prefix="access", initial={
+        "allowed_networks": export.allowed_networks, "tls_policy": export.tls_policy,
+        "allowed_clients": export.allowed_clients, "max_connections": export.max_connections,
     })
+    status = 200
+    if request.method == "POST":
+        access = ExportAccessForm(request.POST, prefix="access")
+        status = 400
+        if access.is_valid():
+            done = call_service(access, export_update, export=export, **access.cleaned_data)
+            if done is not None:
+                messages.success(request, f"Access to {export.name} updated; only clients "
+                                          "the new policy refuses were disconnected.")
+                return redirect("frontend:export", pk=export.pk)
+            export = get_object_or_404(export_list(), pk=pk)  # not the refused values
+    return render(request, "frontend/export_detail.html", {
+        "nav": "exports", "export": export, "access": access, **_connect_context(export),
+        **_export_live_context(export),
+    }, status=status)
 
 
 def _export_live_context(export: Export) -> dict[str, Any]:
     live = export_live(export.name)
     return {"export": export, "live": live, "engine": node_status(export.node),
-            "clients": _client_rows(_active_sessions(export))}
+            "clients": _client_rows(_active_sessions(export)),
+            "refusals": list(refusal_list(export_name=export.name)[:20])}
 
 
 @page
@@ -438,3 +504,167 @@ def _when(text: str | None, name: str, errors: list[str]) -> Any:
     if timezone.is_naive(value):
         value = timezone.make_aware(value, timezone.get_current_timezone())
     return value
+
+
+# ------------------------------------------------------------------ security (TLS)
+
+
+@page
+@require_GET
+def security(request: HttpRequest) -> HttpResponse:
+    return _security_page(request)
+
+
+def _security_page(request: HttpRequest, *, issue: ClientCertificateForm | None = None,
+                   psk: PskIdentityForm | None = None, status: int = 200) -> HttpResponse:
+    from django.conf import settings
+
+    from appliance.pki.selectors import client_certificate_list, psk_identity_list, tls_status
+
+    kind = request.GET.get("kind") or ""
+    refusals = refusal_list()
+    if kind and kind in RefusalKind.values:
+        refusals = refusals.filter(kind=kind)
+    engine = node_status(settings.APPLIANCE_NODE_NAME)
+    return render(request, "frontend/security.html", {
+        "nav": "security", "status": tls_status(), "engine": engine,
+        "engine_tls": engine.get("tls") or {},
+        "engine_tls_error": (engine.get("failed") or {}).get("tls", ""),
+        "certificates": list(client_certificate_list()),
+        "identities": list(psk_identity_list()),
+        "issue": issue or ClientCertificateForm(prefix="issue"),
+        "psk": psk or PskIdentityForm(prefix="psk"),
+        "refusals": list(refusals[:50]), "kinds": [k for k in RefusalKind.choices if k[0]],
+        "kind": kind, "refusal_counts": _refusal_counts(engine.get("refusals") or {}),
+    }, status=status)
+
+
+def _refusal_counts(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """The engine's refusals since it started, by reason, most frequent first."""
+    labels = dict(RefusalKind.choices)
+    return sorted(((labels.get(kind, kind), int(n)) for kind, n in counts.items()),
+                  key=lambda item: -item[1])
+
+
+@page
+@require_GET
+def security_ca(request: HttpRequest) -> HttpResponse:
+    """The CA certificate clients trust, as ``ca-cert.pem``."""
+    from appliance.pki.services import ca_certificate_pem
+
+    response = HttpResponse(ca_certificate_pem(), content_type="application/x-pem-file")
+    response["Content-Disposition"] = 'attachment; filename="ca-cert.pem"'
+    return response
+
+
+@page
+@require_POST
+def security_rotate(request: HttpRequest) -> HttpResponse:
+    from appliance.pki.services import server_certificate_rotate
+
+    server = server_certificate_rotate()
+    messages.success(request, f"New server certificate (serial {server.serial}): new "
+                              "connections get it; connected clients keep their sessions.")
+    return redirect("frontend:security")
+
+
+@page
+@never_cache  # the page holds a private key
+@require_POST
+def security_issue(request: HttpRequest) -> HttpResponse:
+    from appliance.pki.services import ca_certificate_pem, client_certificate_issue
+
+    form = ClientCertificateForm(request.POST, prefix="issue")
+    issued = None
+    if form.is_valid():
+        issued = call_service(form, client_certificate_issue, **form.cleaned_data)
+    if issued is None:
+        return _security_page(request, issue=form, status=400)
+    certificate, cert_pem, key_pem = issued
+    example = _example_export(certificate.name)
+    return render(request, "frontend/certificate_issued.html", {
+        "nav": "security", "certificate": certificate, "directory": client_dir(certificate.name),
+        "files": [("ca-cert.pem", ca_certificate_pem()), ("client-cert.pem", cert_pem),
+                  ("client-key.pem", key_pem)],
+        "example": example,
+        "commands": _tls_commands(example, certificate.name) if example is not None else [],
+    })
+
+
+def _example_export(client: str) -> Export | None:
+    """An export to show the new client's command lines with: one that lists the client,
+    else one that offers TLS, else any."""
+    exports = [e for e in export_list() if export_tls_uri(e) is not None]
+    for export in exports:
+        if client in export.allowed_clients:
+            return export
+    if exports:
+        return exports[0]
+    example = export_list().first()
+    if example is not None:
+        example.tls_policy = TlsPolicy.OPTIONAL  # shown as it would be with TLS (not saved)
+    return example
+
+
+@page
+@require_POST
+def security_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+    from appliance.pki.models import ClientCertificate
+    from appliance.pki.services import client_certificate_revoke
+
+    certificate = get_object_or_404(ClientCertificate, pk=pk)
+    try:
+        client_certificate_revoke(certificate=certificate)
+    except ApplianceError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Revoked the certificate of {certificate.name} (serial "
+                                  f"{certificate.serial}); its connections are closed.")
+    return redirect("frontend:security")
+
+
+@page
+@never_cache  # the page holds a secret key
+@require_POST
+def security_psk_create(request: HttpRequest) -> HttpResponse:
+    from django.conf import settings
+
+    from appliance.pki.services import psk_identity_create
+
+    form = PskIdentityForm(request.POST, prefix="psk")
+    created = None
+    if form.is_valid():
+        created = call_service(form, psk_identity_create, **form.cleaned_data)
+    if created is None:
+        return _security_page(request, psk=form, status=400)
+    identity, key_hex = created
+    example = _example_export(identity.name)
+    keys = "$HOME/nbd-tls/psk/keys.psk"  # qemu's tls-creds-psk reads keys.psk in its dir
+    commands = []
+    if example is not None:
+        host, port = settings.NBD_PUBLIC_HOST, settings.NBD_PORT
+        uri = export_tls_uri(example) or ""
+        scheme_host = uri.replace("nbds://", f"nbds://{identity.name}@", 1)
+        commands = [
+            ("nbdinfo", f'nbdinfo "{scheme_host}?tls-psk-file={keys}"'),
+            ("qemu-img", f"qemu-img info --object tls-creds-psk,id=tls0,endpoint=client,"
+                         f"dir=$HOME/nbd-tls/psk,username={identity.name} --image-opts "
+                         f"driver=raw,file.driver=nbd,file.host={host},file.port={port},"
+                         f"file.export={example.name},file.tls-creds=tls0"),
+        ]
+    return render(request, "frontend/psk_created.html", {
+        "nav": "security", "identity": identity, "line": f"{identity.name}:{key_hex}",
+        "keys": keys, "example": example, "commands": commands,
+    })
+
+
+@page
+@require_POST
+def security_psk_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    from appliance.pki.models import PskIdentity
+    from appliance.pki.services import psk_identity_delete
+
+    identity = get_object_or_404(PskIdentity, pk=pk)
+    psk_identity_delete(identity=identity)
+    messages.success(request, f"Deleted PSK identity {identity.name}.")
+    return redirect("frontend:security")

@@ -379,6 +379,7 @@ class _Connection:
         self.server._forget(self)
         notify(self.server.observer, "connection_closed", self.info)
         if self.info.refusal is not None:
+            log.info("refused %s: %s", self.info.peer, self.info.refusal)
             notify(self.server.observer, "connection_refused", self.info)
 
     def _close_tls(self) -> None:

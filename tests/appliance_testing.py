@@ -37,6 +37,7 @@ def storage_root(settings: Any, tmp_path: Path) -> Path:
     settings.APPLIANCE_IMAGE_MIN_SIZE = MiB
     settings.APPLIANCE_IMAGE_MAX_SIZE = 16 << 40
     settings.APPLIANCE_NODE_NAME = "node1"
+    settings.APPLIANCE_TLS_DIR = tmp_path / "tls"  # the engine's TLS files (appliance.pki)
     return root
 
 

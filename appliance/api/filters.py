@@ -9,7 +9,13 @@ from django.db import models
 from django.db.models import Q, QuerySet
 
 from appliance.exports.models import Export, TlsPolicy
-from appliance.sessions.models import FEATURES, ClientSession, Fingerprint
+from appliance.sessions.models import (
+    FEATURES,
+    ClientSession,
+    ConnectionRefusal,
+    Fingerprint,
+    RefusalKind,
+)
 from appliance.storage.models import Image
 
 
@@ -82,14 +88,41 @@ class ClientSessionFilter(filters.FilterSet):
         filter_overrides = _STRICT_BOOLEANS
 
     def filter_peer(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
-        try:
-            address = ipaddress.ip_address(value.strip("[]"))
-        except ValueError:
-            return queryset.filter(peer=value)
-        return queryset.filter(Q(peer_address=str(address)))
+        return _filter_peer(queryset, value)
 
     def filter_active(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
         return queryset.filter(disconnected_at__isnull=value in StrictBooleanFilter.TRUE)
 
     def filter_feature(self, queryset: QuerySet, name: str, value: list[str]) -> QuerySet:
         return queryset.filter(**dict.fromkeys(value, True)) if value else queryset
+
+
+class ConnectionRefusalFilter(filters.FilterSet):
+    export_name = filters.CharFilter(help_text="export name as the client asked for it")
+    kind = filters.MultipleChoiceFilter(
+        choices=[(k, k) for k in RefusalKind.values if k],
+        help_text="why it was refused; repeat for several",
+    )
+    peer = filters.CharFilter(
+        method="filter_peer", help_text="client address (any port), or address:port exactly"
+    )
+    since = filters.IsoDateTimeFilter(
+        field_name="at", lookup_expr="gte", help_text="refused at or after"
+    )
+    until = filters.IsoDateTimeFilter(field_name="at", lookup_expr="lt", help_text="refused before")
+
+    class Meta:
+        model = ConnectionRefusal
+        fields = ["node"]
+
+    def filter_peer(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        return _filter_peer(queryset, value)
+
+
+def _filter_peer(queryset: QuerySet, value: str) -> QuerySet:
+    """An address matches any port (IPv4-mapped addresses are stored as IPv4)."""
+    try:
+        address = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return queryset.filter(peer=value)
+    return queryset.filter(Q(peer_address=str(address)))

@@ -9,9 +9,20 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from appliance.exports.models import Export, TlsPolicy
-from appliance.exports.selectors import export_uri
-from appliance.exports.validators import normalize_networks, validate_export_name
-from appliance.sessions.models import FEATURES, ClientSession, ExportSample, Fingerprint
+from appliance.exports.selectors import export_tls_uri, export_uri
+from appliance.exports.validators import (
+    normalize_client_names,
+    normalize_networks,
+    validate_export_name,
+)
+from appliance.sessions.models import (
+    FEATURES,
+    ClientSession,
+    ConnectionRefusal,
+    ExportSample,
+    Fingerprint,
+    RefusalKind,
+)
 from appliance.storage.models import Image
 from appliance.storage.validators import validate_image_name, validate_image_size
 
@@ -137,8 +148,19 @@ class ExportSerializer(serializers.ModelSerializer):
         help_text="CIDR networks whose clients may connect; empty allows every client",
     )
     tls_policy = serializers.ChoiceField(choices=TlsPolicy.choices, default=TlsPolicy.OFF)
+    allowed_clients = serializers.ListField(
+        child=serializers.CharField(trim_whitespace=False),  # validate_allowed_clients rules
+        required=False,
+        default=list,
+        help_text="names in client certificates (subject CN or DNS names) or PSK identities "
+        "that may connect, over TLS only; empty allows every client",
+    )
     active_sessions = serializers.SerializerMethodField()
-    uri = serializers.SerializerMethodField(help_text="nbd:// URI clients connect to")
+    uri = serializers.SerializerMethodField(
+        help_text="URI clients connect to: nbds:// when the export requires TLS, else nbd://")
+    tls_uri = serializers.SerializerMethodField(
+        help_text="nbds:// URI when TLS is offered for this export (policy optional or "
+        "required), else null")
 
     class Meta:
         model = Export
@@ -153,8 +175,11 @@ class ExportSerializer(serializers.ModelSerializer):
             "allowed_networks",
             "multi_conn",
             "tls_policy",
+            "allowed_clients",
+            "max_connections",
             "node",
             "uri",
+            "tls_uri",
             "active_sessions",
             "created_at",
             "updated_at",
@@ -180,9 +205,16 @@ class ExportSerializer(serializers.ModelSerializer):
     def validate_allowed_networks(self, value: list[str]) -> list[str]:
         return normalize_networks(value)
 
+    def validate_allowed_clients(self, value: list[str]) -> list[str]:
+        return normalize_client_names(value)
+
     @extend_schema_field(OpenApiTypes.STR)
     def get_uri(self, export: Export) -> str:
         return export_uri(export)
+
+    @extend_schema_field({"type": "string", "nullable": True})
+    def get_tls_uri(self, export: Export) -> str | None:
+        return export_tls_uri(export)
 
     @extend_schema_field(OpenApiTypes.INT)
     def get_active_sessions(self, export: Export) -> int:
@@ -247,6 +279,19 @@ class ClientSessionSerializer(serializers.ModelSerializer):
     )
     def get_features(self, session: ClientSession) -> dict[str, bool]:
         return {name: getattr(session, name) for name in FEATURES}
+
+
+class ConnectionRefusalSerializer(serializers.ModelSerializer):
+    kind = serializers.ChoiceField(
+        choices=RefusalKind.choices, read_only=True,
+        help_text="why: " + ", ".join(f"{k} ({label})" for k, label in RefusalKind.choices if k))
+    kind_label = serializers.CharField(source="get_kind_display", read_only=True)
+
+    class Meta:
+        model = ConnectionRefusal
+        fields = ["id", "at", "node", "engine_run", "connection_id", "peer", "peer_address",
+                  "export_name", "kind", "kind_label", "reason", "tls", "tls_names"]
+        read_only_fields = fields
 
 
 class ExportHistoryQuerySerializer(serializers.Serializer):

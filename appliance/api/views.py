@@ -14,9 +14,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from appliance.engine.live import export_live, live_by_session, live_sessions, node_status
-from appliance.exports.selectors import export_list, export_uri
+from appliance.exports.selectors import export_list, export_tls_uri, export_uri
 from appliance.exports.services import export_delete, export_publish, export_update
-from appliance.sessions.selectors import export_history, session_feature_stats, session_list
+from appliance.sessions.selectors import (
+    export_history,
+    refusal_list,
+    session_feature_stats,
+    session_list,
+)
 from appliance.storage.models import Image
 from appliance.storage.selectors import image_list, storage_usage
 from appliance.storage.services import (
@@ -30,9 +35,10 @@ from appliance.storage.services import (
 )
 
 from .exceptions import LengthRequired
-from .filters import ClientSessionFilter, ExportFilter, ImageFilter
+from .filters import ClientSessionFilter, ConnectionRefusalFilter, ExportFilter, ImageFilter
 from .serializers import (
     ClientSessionSerializer,
+    ConnectionRefusalSerializer,
     ExportHistoryQuerySerializer,
     ExportSampleSerializer,
     ExportSerializer,
@@ -186,8 +192,8 @@ class ExportViewSet(viewsets.ModelViewSet):
         """What the engine is doing for this export now: clients, counters, rates."""
         export = self.get_object()
         data = export_live(export.name)
-        data.update(export=export.name, uri=export_uri(export), enabled=export.enabled,
-                    engine=node_status(export.node))
+        data.update(export=export.name, uri=export_uri(export), tls_uri=export_tls_uri(export),
+                    enabled=export.enabled, engine=node_status(export.node))
         data["sessions"] = [s for s in live_sessions() if s.get("export") == export.name]
         return Response(data)
 
@@ -225,6 +231,22 @@ class ClientSessionViewSet(
         if page is not None:
             return self.get_paginated_response(data)
         return Response(data)
+
+
+@extend_schema(tags=["sessions"])
+class ConnectionRefusalViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+):
+    """Clients the engine refused, and why (read-only, newest first): handshake timeouts,
+    TLS failures, TLS required, networks or client names not allowed, connection limits."""
+
+    serializer_class = ConnectionRefusalSerializer
+    filterset_class = ConnectionRefusalFilter
+    ordering_fields = ["at"]
+    ordering = ["-at", "-id"]
+
+    def get_queryset(self) -> Any:
+        return refusal_list()
 
 
 @extend_schema(tags=["stats"])

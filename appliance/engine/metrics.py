@@ -3,9 +3,10 @@
 Connection threads only append to a bounded deque (never a network call). A flusher
 thread, once a second, writes live counters to Redis (per session and per export, with a
 TTL), records sessions in the database on connect and disconnect (and every
-``db_interval_s`` for long ones), and stores a per-export history sample every
-``sample_interval_s``. When Redis or the database is away the engine keeps serving:
-events wait in the deque and catch up, and what no longer fits is dropped and counted.
+``db_interval_s`` for long ones), records each refused connection with its reason, and
+stores a per-export history sample every ``sample_interval_s``. When Redis or the database
+is away the engine keeps serving: events wait in the deque and catch up, and what no
+longer fits is dropped and counted.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _sum_stats(total: dict[str, Any], stats: dict[str, Any]) -> None:
 
 
 class EngineMetrics:
-    """Observer + flusher. ``record_session`` and ``record_sample`` write the database."""
+    """Observer + flusher. ``record_session``, ``record_sample`` and ``record_refusal``
+    write the database."""
 
     def __init__(
         self,
@@ -55,6 +57,7 @@ class EngineMetrics:
         redis_factory: Callable[[], Any] | None,
         record_session: Callable[[dict[str, Any]], None] | None = None,
         record_sample: Callable[[str, dict[str, Any], float], None] | None = None,
+        record_refusal: Callable[[dict[str, Any]], None] | None = None,
         interval_s: float = 1.0,
         db_interval_s: float = 30.0,
         sample_interval_s: float = 10.0,
@@ -64,11 +67,16 @@ class EngineMetrics:
         self.redis_factory = redis_factory
         self.record_session = record_session
         self.record_sample = record_sample
+        self.record_refusal = record_refusal
         self.interval_s = interval_s
         self.db_interval_s = db_interval_s
         self.sample_interval_s = sample_interval_s
         self.connections: Callable[[], list[ConnectionInfo]] = list
         self._events: collections.deque[dict[str, Any]] = collections.deque()
+        # Refusals wait apart: a flood of them (a port scan, half-open connections) must
+        # not push session events out, nor the other way round.
+        self._refused: collections.deque[dict[str, Any]] = collections.deque()
+        self.refusals: collections.Counter[str] = collections.Counter()  # by kind, this run
         self._lock = threading.Lock()
         self._closed_totals: dict[str, dict[str, Any]] = {}  # per export, ended connections
         self._previous: dict[str, tuple[float, dict[str, Any]]] = {}  # for rates
@@ -99,6 +107,15 @@ class EngineMetrics:
             _sum_stats(total, snapshot["stats"])
         self._push(snapshot)
 
+    def connection_refused(self, conn: ConnectionInfo) -> None:
+        snapshot = conn.snapshot()
+        with self._lock:
+            self.refusals[conn.refusal_kind or "other"] += 1
+            if len(self._refused) >= MAX_EVENTS:
+                self._refused.popleft()
+                self.dropped += 1
+            self._refused.append(snapshot)
+
     def _push(self, snapshot: dict[str, Any]) -> None:
         with self._lock:
             if len(self._events) >= MAX_EVENTS:
@@ -126,6 +143,7 @@ class EngineMetrics:
         now = time.time()
         live = [c for c in self.connections() if c.export_name is not None]
         self._write_sessions(live, now)
+        self._write_refusals()
         self._publish_live(live, now)
         if self.record_sample is not None and now - self._last_sample >= self.sample_interval_s:
             self._last_sample = now
@@ -161,6 +179,25 @@ class EngineMetrics:
             with self._lock:
                 if self._events and self._events[0] is snapshot:
                     self._events.popleft()
+
+    def _write_refusals(self) -> None:
+        if self.record_refusal is None:
+            with self._lock:
+                self._refused.clear()
+            return
+        while True:
+            with self._lock:
+                if not self._refused:
+                    return
+                snapshot = self._refused[0]
+            try:
+                self.record_refusal(snapshot)
+            except Exception as exc:
+                self.complain("recording a refused connection", exc)
+                return  # keep it queued; the next tick retries
+            with self._lock:
+                if self._refused and self._refused[0] is snapshot:
+                    self._refused.popleft()
 
     def export_totals(self, live: list[ConnectionInfo]) -> dict[str, dict[str, Any]]:
         """Per export: counters of ended connections plus those of live ones."""

@@ -27,6 +27,9 @@ class EngineCollector:
                                labels=["node"])
         dropped = CounterMetricFamily("nbd_engine_metrics_dropped",
                                       "metric events the engine gave up on", labels=["node"])
+        refusals = CounterMetricFamily(
+            "nbd_engine_refusals", "connections refused since the engine started, by reason",
+            labels=["node", "kind"])
         clients = GaugeMetricFamily("nbd_export_clients", "clients connected now",
                                     labels=["export"])
         ops = CounterMetricFamily("nbd_export_ops", "requests served", labels=["export", "op"])
@@ -52,6 +55,8 @@ class EngineCollector:
                 up.add_metric([node], 1.0 if beat else 0.0)
                 if beat:
                     dropped.add_metric([node], float(beat.get("metrics_dropped", 0)))
+                    for kind, count in (beat.get("refusals") or {}).items():
+                        refusals.add_metric([node, kind], float(count))
             for name in Export.objects.values_list("name", flat=True):
                 live: dict[str, Any] | None = mailbox.read_export_live(client, name)
                 if not live:
@@ -66,7 +71,7 @@ class EngineCollector:
                 latency.add_metric([name], live.get("latency_sum_us", 0) / 1e6)
         except Exception:
             pass  # Redis away: export what we have (nbd_engine_up stays empty)
-        yield from (up, dropped, clients, ops, *data.values(), errors, latency)
+        yield from (up, dropped, refusals, clients, ops, *data.values(), errors, latency)
 
 
 def _authorized(request: HttpRequest) -> bool:

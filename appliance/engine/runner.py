@@ -31,19 +31,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=10809)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--poll", type=float, default=0.25, metavar="SECONDS")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="time a client has to finish negotiating")
+    parser.add_argument("--max-connections", type=int, default=1024,
+                        help="connections accepted at once; more are closed at once")
+    parser.add_argument("--max-option-length", type=int, default=65536, metavar="BYTES",
+                        help="largest option payload a client may send")
     parser.add_argument("--no-database", action="store_true",
                         help="do not record sessions and samples (Redis live values only)")
     return parser.parse_args(argv)
 
 
-def _database_recorders(node: str, run: str) -> tuple[Any, Any]:
+def _database_recorders(node: str, run: str) -> tuple[Any, Any, Any]:
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "appliance.settings")
     django.setup()
     from django.db import close_old_connections
 
-    from appliance.sessions.services import export_sample_record, session_record_from_engine
+    from appliance.sessions.services import (
+        export_sample_record,
+        refusal_record_from_engine,
+        session_record_from_engine,
+    )
 
     def record_session(snapshot: dict[str, Any]) -> None:
         close_old_connections()
@@ -53,7 +63,11 @@ def _database_recorders(node: str, run: str) -> tuple[Any, Any]:
         close_old_connections()
         export_sample_record(export_name=export, node=node, totals=totals, at=at)
 
-    return record_session, record_sample
+    def record_refusal(snapshot: dict[str, Any]) -> None:
+        close_old_connections()
+        refusal_record_from_engine(snapshot=snapshot, node=node, engine_run=run)
+
+    return record_session, record_sample, record_refusal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nbdcore.exports import ExportRegistry
     from nbdcore.server import NbdServer
+    from nbdcore.tls import PSK_SUPPORTED
 
     from . import mailbox
     from .applier import SpecApplier
@@ -69,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     from .spec import EngineSpec
 
     run = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    record_session = record_sample = None
+    record_session = record_sample = record_refusal = None
     if not args.no_database:
-        record_session, record_sample = _database_recorders(args.node, run)
+        record_session, record_sample, record_refusal = _database_recorders(args.node, run)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -81,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = EngineMetrics(
         node=args.node, run=run, redis_factory=lambda: mailbox.connect(args.redis_url),
         record_session=record_session, record_sample=record_sample,
+        record_refusal=record_refusal,
     )
-    server = NbdServer(registry, host=args.bind, port=args.port, observer=metrics)
+    # TLS starts off; the first spec applied sets the context and mode (set_tls).
+    server = NbdServer(registry, host=args.bind, port=args.port, observer=metrics,
+                       handshake_timeout_s=args.handshake_timeout,
+                       max_connections=args.max_connections,
+                       max_option_length=args.max_option_length)
     try:
         server.start()
     except OSError as exc:
@@ -114,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                     "connections": len(server.connections()),
                     "metrics_dropped": metrics.dropped,
                     "metrics_failures": dict(metrics.failures),
+                    "refusals": dict(metrics.refusals),
+                    "tls": {"mode": applier.tls_mode, "version": applier.tls_version,
+                            "warning": applier.tls_warning, "psk_supported": PSK_SUPPORTED},
                 }
                 redis_client.set(mailbox.heartbeat_key(args.node), json.dumps(beat),
                                  ex=mailbox.HEARTBEAT_TTL_S)

@@ -29,11 +29,17 @@ class EngineSupervisor:
         redis_url: str,
         stale_after_s: float = 10.0,
         drain_timeout_s: float = 30.0,
+        handshake_timeout_s: float = 10.0,
+        max_connections: int = 1024,
+        max_option_length: int = 65536,
     ) -> None:
         self.node = node
         self.bind = bind
         self.port = port
         self.redis_url = redis_url
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_connections = max_connections
+        self.max_option_length = max_option_length
         self.stale_after_s = stale_after_s
         self.drain_timeout_s = drain_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
@@ -45,7 +51,10 @@ class EngineSupervisor:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "appliance.engine.runner", "--node", self.node,
-                "--bind", self.bind, "--port", str(self.port), "--redis-url", self.redis_url]
+                "--bind", self.bind, "--port", str(self.port), "--redis-url", self.redis_url,
+                "--handshake-timeout", str(self.handshake_timeout_s),
+                "--max-connections", str(self.max_connections),
+                "--max-option-length", str(self.max_option_length)]
 
     def start(self) -> None:
         self._spawn()
@@ -140,6 +149,9 @@ def install_worker_step(app: Any) -> None:
                     bind=settings.NBD_BIND,
                     port=settings.NBD_PORT,
                     redis_url=settings.REDIS_URL,
+                    handshake_timeout_s=float(getattr(settings, "NBD_HANDSHAKE_TIMEOUT", 10.0)),
+                    max_connections=int(getattr(settings, "NBD_MAX_CONNECTIONS", 1024)),
+                    max_option_length=int(getattr(settings, "NBD_MAX_OPTION_LENGTH", 65536)),
                 )
 
         def start(self, worker: Any) -> None:

@@ -1,8 +1,8 @@
 """Short, idempotent control tasks: they converge Redis (and so the engines) on the database.
 
 ``engine.sync`` writes one node's desired exports; ``engine.reconcile`` (on the beat) does
-it for every node, compares with the heartbeats, and prunes old history samples. Running
-either twice, late or concurrently is harmless.
+it for every node, compares with the heartbeats, and prunes old history samples and
+refusals. Running either twice, late or concurrently is harmless.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def engine_sync(node: str) -> str:
 @shared_task(name="engine.reconcile", ignore_result=True)
 def engine_reconcile() -> dict[str, Any]:
     from appliance.exports.models import Export
-    from appliance.sessions.services import export_sample_prune
+    from appliance.sessions.services import export_sample_prune, refusal_prune
 
     client = _redis()
     nodes = set(Export.objects.values_list("node", flat=True)) | {settings.APPLIANCE_NODE_NAME}
@@ -61,6 +61,7 @@ def engine_reconcile() -> dict[str, Any]:
             log.warning("engine on node %s: %s", node, state)
         report[node] = {"state": state, "digest": spec.digest, "exports": len(spec.exports)}
     export_sample_prune(older_than_s=settings.APPLIANCE_HISTORY_RETENTION_S)
+    refusal_prune(older_than_s=settings.APPLIANCE_HISTORY_RETENTION_S)
     return report
 
 

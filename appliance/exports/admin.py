@@ -33,6 +33,8 @@ class ExportAdmin(admin.ModelAdmin):
             allowed_networks=obj.allowed_networks,
             multi_conn=obj.multi_conn,
             tls_policy=obj.tls_policy,
+            allowed_clients=obj.allowed_clients,
+            max_connections=obj.max_connections,
             node=obj.node,
         )
         obj.pk, obj.created_at, obj.updated_at = created.pk, created.created_at, created.updated_at

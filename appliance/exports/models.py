@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from appliance.storage.models import Image
 
 from .validators import (
     EXPORT_NAME_MAX,
+    validate_allowed_clients,
     validate_allowed_networks,
     validate_export_name,
     validate_node_name,
@@ -17,6 +19,11 @@ class TlsPolicy(models.TextChoices):
     OFF = "off", "off (plain NBD)"
     OPTIONAL = "optional", "optional (STARTTLS offered)"
     REQUIRED = "required", "required (plain connections refused)"
+
+
+CLIENT_NAMES_NEED_TLS = (
+    "client names can only be checked over TLS: set tls_policy to optional or required"
+)
 
 
 def default_node() -> str:
@@ -39,6 +46,16 @@ class Export(models.Model):
     )
     multi_conn = models.BooleanField(default=True)
     tls_policy = models.CharField(max_length=8, choices=TlsPolicy.choices, default=TlsPolicy.OFF)
+    allowed_clients = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_allowed_clients],
+        help_text="names in client certificates (or PSK identities) that may connect over "
+        "TLS; empty allows every client",
+    )
+    max_connections = models.PositiveIntegerField(
+        default=0, help_text="clients connected at once; 0 means no limit"
+    )
     node = models.CharField(
         max_length=253,
         default=default_node,
@@ -61,3 +78,7 @@ class Export(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        if self.allowed_clients and self.tls_policy == TlsPolicy.OFF:
+            raise ValidationError({"allowed_clients": CLIENT_NAMES_NEED_TLS})

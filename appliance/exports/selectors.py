@@ -6,7 +6,7 @@ import ipaddress
 
 from django.db.models import Count, Q, QuerySet
 
-from .models import Export
+from .models import Export, TlsPolicy
 
 
 def export_list() -> QuerySet[Export]:
@@ -47,8 +47,38 @@ def export_allows_client(export: Export, address: str) -> bool:
     return False
 
 
+def server_tls_mode() -> str:
+    """The engines' TLS mode: "off", "optional" or "required" (settings.NBD_TLS_MODE)."""
+    from django.conf import settings
+
+    return getattr(settings, "NBD_TLS_MODE", "optional")
+
+
+def export_requires_tls(export: Export) -> bool:
+    """Whether a plaintext client is refused: the export (or the whole server) requires TLS,
+    or the export admits only named clients, whose names only TLS can prove."""
+    return (
+        export.tls_policy == TlsPolicy.REQUIRED
+        or bool(export.allowed_clients)
+        or server_tls_mode() == "required"
+    )
+
+
 def export_uri(export: Export) -> str:
-    """The nbd:// URI of an export, naming the host and port its node's engine listens on."""
+    """The URI clients connect to: nbds:// when TLS is required, else nbd://, naming the host
+    and port its node's engine listens on."""
+    return _uri("nbds" if export_requires_tls(export) else "nbd", export)
+
+
+def export_tls_uri(export: Export) -> str | None:
+    """The nbds:// URI when the appliance advertises TLS for the export (policy optional or
+    required, or a server that requires it), else None."""
+    if export.tls_policy == TlsPolicy.OFF and not export_requires_tls(export):
+        return None
+    return _uri("nbds", export)
+
+
+def _uri(scheme: str, export: Export) -> str:
     from urllib.parse import quote
 
     from django.conf import settings
@@ -57,4 +87,4 @@ def export_uri(export: Export) -> str:
     if ":" in host:
         host = f"[{host}]"
     port = "" if settings.NBD_PORT == 10809 else f":{settings.NBD_PORT}"
-    return f"nbd://{host}{port}/{quote(export.name, safe='')}"
+    return f"{scheme}://{host}{port}/{quote(export.name, safe='')}"

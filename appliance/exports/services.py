@@ -17,7 +17,7 @@ from appliance.errors import ExportNameTaken
 from appliance.storage.models import Image
 
 from .models import Export, TlsPolicy
-from .validators import normalize_networks
+from .validators import normalize_client_names, normalize_networks
 
 __all__ = ["export_delete", "export_publish", "export_update"]
 
@@ -33,6 +33,8 @@ _UPDATABLE = frozenset(
         "allowed_networks",
         "multi_conn",
         "tls_policy",
+        "allowed_clients",
+        "max_connections",
         "node",
     }
 )
@@ -48,6 +50,8 @@ def export_publish(
     allowed_networks: Iterable[str] = (),
     multi_conn: bool = True,
     tls_policy: str = TlsPolicy.OFF,
+    allowed_clients: Iterable[str] = (),
+    max_connections: int = 0,
     node: str | None = None,
 ) -> Export:
     export = Export(
@@ -59,6 +63,8 @@ def export_publish(
         allowed_networks=_networks(allowed_networks),
         multi_conn=multi_conn,
         tls_policy=tls_policy,
+        allowed_clients=_client_names(allowed_clients),
+        max_connections=max_connections,
     )
     if node is not None:
         export.node = node
@@ -75,6 +81,8 @@ def export_update(*, export: Export, **changes: Any) -> Export:
         raise TypeError(f"export_update() got unexpected fields: {', '.join(sorted(unknown))}")
     if "allowed_networks" in changes:
         changes["allowed_networks"] = _networks(changes["allowed_networks"])
+    if "allowed_clients" in changes:
+        changes["allowed_clients"] = _client_names(changes["allowed_clients"])
     old_node = export.node
     for field, value in changes.items():
         setattr(export, field, value)
@@ -97,6 +105,15 @@ def _networks(value: object) -> list[str]:
         return normalize_networks(value)
     except ValidationError as exc:
         raise ValidationError({"allowed_networks": exc.messages}) from exc
+
+
+def _client_names(value: object) -> list[str]:
+    if not isinstance(value, str | bytes | list | tuple):
+        value = list(value)  # type: ignore[call-overload]
+    try:
+        return normalize_client_names(value)
+    except ValidationError as exc:
+        raise ValidationError({"allowed_clients": exc.messages}) from exc
 
 
 def _save(export: Export, *, force_insert: bool = False) -> None:

@@ -7,8 +7,11 @@ import re
 
 from django.core.exceptions import ValidationError
 
+from appliance.pki.validators import validate_client_name
+
 EXPORT_NAME_MAX = 255
 MAX_NETWORKS = 64
+MAX_CLIENT_NAMES = 64
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
@@ -72,6 +75,33 @@ def normalize_networks(value: object) -> list[str]:
 
 def validate_allowed_networks(value: object) -> None:
     normalize_networks(value)
+
+
+def normalize_client_names(value: object) -> list[str]:
+    """Certificate names (subject CN or DNS SAN) or PSK identities: a deduplicated list."""
+    if not isinstance(value, list | tuple):
+        raise ValidationError(
+            "allowed_clients must be a list of client names like 'backup01'; got %(v)r",
+            code="invalid_client_names",
+            params={"v": value},
+        )
+    if len(value) > MAX_CLIENT_NAMES:
+        raise ValidationError(
+            "at most %(max)d client names are allowed; got %(n)d",
+            code="invalid_client_names",
+            params={"max": MAX_CLIENT_NAMES, "n": len(value)},
+        )
+    out: list[str] = []
+    for item in value:
+        name = item.strip() if isinstance(item, str) else item
+        validate_client_name(name)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def validate_allowed_clients(value: object) -> None:
+    normalize_client_names(value)
 
 
 def validate_node_name(value: object) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import FEATURES, ClientSession, ExportSample
+from .models import FEATURES, ClientSession, ConnectionRefusal, ExportSample
 
 
 @admin.register(ClientSession)
@@ -45,4 +45,27 @@ class ExportSampleAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: ExportSample | None = None) -> bool:
+        return False
+
+
+@admin.register(ConnectionRefusal)
+class ConnectionRefusalAdmin(admin.ModelAdmin):
+    """Clients the engine refused, and why: read-only."""
+
+    list_display = ["at", "peer", "export_name", "kind", "reason"]
+    list_filter = ["kind", "node"]
+    search_fields = ["peer", "export_name", "reason"]
+    date_hierarchy = "at"
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ConnectionRefusal | None = None
+    ) -> list[str]:
+        return [f.name for f in ConnectionRefusal._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: ConnectionRefusal | None = None
+    ) -> bool:
         return False

@@ -143,3 +143,60 @@ class ExportSample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.export_name} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class RefusalKind(models.TextChoices):
+    """Why the engine refused a client (nbdcore's ``ConnectionInfo.refusal_kind``)."""
+
+    TIMEOUT = "timeout", "handshake not finished in time"
+    TLS_HANDSHAKE = "tls_handshake", "TLS handshake failed"
+    TLS_REQUIRED = "tls_required", "TLS required"
+    NOT_ALLOWED = "not_allowed", "network not allowed"
+    CLIENT_NOT_ALLOWED = "client_not_allowed", "client name not allowed"
+    LIMIT = "limit", "export connection limit"
+    UNKNOWN_EXPORT = "unknown_export", "unknown export"
+    DISABLED = "disabled", "export disabled"
+    PROTOCOL = "protocol", "protocol error"
+    TOO_MANY_CONNECTIONS = "too_many_connections", "server connection limit"
+    OTHER = "", "other"
+
+
+class ConnectionRefusal(models.Model):
+    """A client the engine turned away, and why: written by the engine worker, pruned with
+    the history samples (APPLIANCE_HISTORY_RETENTION)."""
+
+    # Identity in the engine, like ClientSession's: a retried write stores one row.
+    node = models.CharField(max_length=253)
+    engine_run = models.CharField(max_length=64, blank=True, default="")
+    connection_id = models.BigIntegerField()
+    at = models.DateTimeField(help_text="when the engine gave up on the connection")
+    peer = models.CharField(max_length=300, help_text="address:port as the engine saw it")
+    peer_address = models.GenericIPAddressField(null=True, blank=True)
+    export_name = models.CharField(
+        max_length=4096, blank=True, default="",
+        help_text="the export the client last asked for; empty if it named none",
+    )
+    kind = models.CharField(max_length=32, blank=True, default="", choices=RefusalKind.choices)
+    reason = models.CharField(max_length=500, blank=True, default="")
+    tls = models.BooleanField(default=False, help_text="the connection had gone through TLS")
+    tls_names = models.JSONField(
+        default=list, blank=True, help_text="verified certificate names or PSK identity"
+    )
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node", "engine_run", "connection_id", "at"],
+                name="clientsessions_refusal_engine_key",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["at"], name="crefusal_at_idx"),
+            models.Index(fields=["export_name", "at"], name="crefusal_export_at_idx"),
+        ]
+
+    def __str__(self) -> str:
+        what = self.export_name or "?"
+        when = f"{self.at:%Y-%m-%d %H:%M:%S}"
+        return f"{self.peer} -> {what} refused ({self.kind or 'other'}) at {when}"

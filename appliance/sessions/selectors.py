@@ -8,11 +8,19 @@ from typing import Any
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from .models import FEATURES, ClientSession, ExportSample
+from .models import FEATURES, ClientSession, ConnectionRefusal, ExportSample
 
 
 def session_list() -> QuerySet[ClientSession]:
     return ClientSession.objects.select_related("export")
+
+
+def refusal_list(*, export_name: str | None = None) -> QuerySet[ConnectionRefusal]:
+    """Refused connections, newest first (of one export name when given)."""
+    refusals = ConnectionRefusal.objects.order_by("-at", "-id")
+    if export_name is not None:
+        refusals = refusals.filter(export_name=export_name)
+    return refusals
 
 
 def session_feature_stats(

@@ -23,13 +23,15 @@ from appliance.errors import InvalidEngineSnapshot
 from appliance.exports.models import Export
 
 from .fingerprint import guess_fingerprint, negotiation_signature
-from .models import ClientSession, ExportSample, Fingerprint
+from .models import ClientSession, ConnectionRefusal, ExportSample, Fingerprint
 
 __all__ = [
     "MULTI_CONN_WINDOW",
     "export_sample_prune",
     "export_sample_record",
     "parse_peer",
+    "refusal_prune",
+    "refusal_record_from_engine",
     "session_record_from_engine",
 ]
 
@@ -163,7 +165,8 @@ def _count(stats: Mapping[str, Any], name: str) -> int:
     return value
 
 
-def _fields_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+def _snapshot_identity(snapshot: object) -> tuple[int, str]:
+    """The connection id and peer every engine snapshot carries, checked."""
     if not isinstance(snapshot, Mapping):
         raise InvalidEngineSnapshot(f"an engine snapshot is an object; got {type(snapshot)}")
     connection_id = snapshot.get("id")
@@ -172,6 +175,11 @@ def _fields_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     peer = snapshot.get("peer")
     if not isinstance(peer, str):
         raise InvalidEngineSnapshot(f"snapshot peer must be a string; got {peer!r}")
+    return connection_id, peer
+
+
+def _fields_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    connection_id, peer = _snapshot_identity(snapshot)
     negotiated = _json_object(snapshot, "negotiated")
     stats = _json_object(snapshot, "stats")
     options = negotiated.get("options") or []
@@ -255,4 +263,52 @@ def export_sample_prune(*, older_than_s: int) -> int:
     """Delete history samples past the retention; returns how many went."""
     cutoff = datetime.now(tz=UTC) - timedelta(seconds=older_than_s)
     deleted, _ = ExportSample.objects.filter(at__lt=cutoff).delete()
+    return deleted
+
+
+def refusal_record_from_engine(
+    *, snapshot: Mapping[str, Any], node: str | None = None, engine_run: str = ""
+) -> ConnectionRefusal:
+    """Store a connection the engine refused (``ConnectionInfo.snapshot()`` given to the
+    observer's ``connection_refused``). Recording the same snapshot twice stores one row."""
+    connection_id, peer = _snapshot_identity(snapshot)
+    when = snapshot.get("closed_at")
+    at = _timestamp(snapshot.get("opened_at") if when is None else when, "closed_at",
+                    required=True)
+    export_name = snapshot.get("requested_export") or snapshot.get("export") or ""
+    if not isinstance(export_name, str):
+        raise InvalidEngineSnapshot(
+            f"snapshot requested_export must be a string; got {export_name!r}")
+    names = snapshot.get("tls_names") or []
+    if not isinstance(names, list | tuple):
+        raise InvalidEngineSnapshot(f"snapshot tls_names must be a list; got {names!r}")
+    negotiated = snapshot.get("negotiated") or {}
+    reason = snapshot.get("refusal") or snapshot.get("close_reason") or ""
+    key = {
+        "node": node or settings.APPLIANCE_NODE_NAME,
+        "engine_run": engine_run,
+        "connection_id": connection_id,
+        "at": at,
+    }
+    fields = {
+        "peer": peer[:300],
+        "peer_address": parse_peer(peer)[0],
+        "export_name": export_name[:4096],
+        "kind": str(snapshot.get("refusal_kind") or "")[:32],
+        "reason": str(reason)[:500],
+        "tls": bool(isinstance(negotiated, Mapping) and negotiated.get("tls")),
+        "tls_names": [str(n)[:255] for n in names][:16],
+    }
+    try:
+        with transaction.atomic():
+            refusal, _ = ConnectionRefusal.objects.get_or_create(**key, defaults=fields)
+    except IntegrityError:  # recorded meanwhile by another call
+        refusal = ConnectionRefusal.objects.get(**key)
+    return refusal
+
+
+def refusal_prune(*, older_than_s: int) -> int:
+    """Delete refusals past the retention (the history samples'); returns how many went."""
+    cutoff = datetime.now(tz=UTC) - timedelta(seconds=older_than_s)
+    deleted, _ = ConnectionRefusal.objects.filter(at__lt=cutoff).delete()
     return deleted

@@ -88,7 +88,8 @@ def test_admin_publishes_an_export(admin_client, make_image) -> None:
     response = admin_client.post(
         "/admin/exports/export/add/",
         {"name": "vm1", "image": image.pk, "description": "", "allowed_networks": '["10.1.2.3"]',
-         "multi_conn": "on", "enabled": "on", "tls_policy": "off", "node": "node1"},
+         "multi_conn": "on", "enabled": "on", "tls_policy": "off", "node": "node1",
+         "allowed_clients": "[]", "max_connections": "0"},
     )
     assert response.status_code == 302, response.content[-3000:]
     assert Export.objects.get(name="vm1").allowed_networks == ["10.1.2.3/32"]

@@ -96,3 +96,21 @@ def test_metrics_needs_authentication(api, anon, settings) -> None:
     settings.APPLIANCE_METRICS_TOKEN = "scrape-me"
     assert anon.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-me").status_code == 200
     assert anon.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+
+
+def test_metrics_count_refusals_by_kind_from_the_heartbeat(api, monkeypatch) -> None:
+    import json
+
+    from appliance.engine import mailbox
+
+    beat = {"at": time.time(), "metrics_dropped": 0,
+            "refusals": {"tls_required": 3, "timeout": 1}}
+
+    class FakeRedis:
+        def get(self, key: str):
+            return json.dumps(beat) if key == mailbox.heartbeat_key("node1") else None
+
+    monkeypatch.setattr(mailbox, "connect", lambda url, timeout_s=1.0: FakeRedis())
+    text = api.get("/metrics").content.decode()
+    assert 'nbd_engine_refusals_total{kind="tls_required",node="node1"} 3.0' in text
+    assert 'nbd_engine_refusals_total{kind="timeout",node="node1"} 1.0' in text

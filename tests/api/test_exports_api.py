@@ -139,3 +139,80 @@ def test_list_filters_and_counts_active_sessions(api, image, make_image) -> None
     vague = api.get("/api/v1/exports/?enabled=maybe")
     assert vague.status_code == 400
     assert "enabled" in vague.json()
+
+
+# ------------------------------------------------------------------ TLS and access control
+
+
+def test_publish_with_client_names_and_a_limit(api, image) -> None:
+    response = publish(api, image, tls_policy="optional",
+                       allowed_clients=["backup01", " alice@example.org ", "backup01"],
+                       max_connections=4)
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert body["allowed_clients"] == ["backup01", "alice@example.org"]
+    assert body["max_connections"] == 4
+    stored = Export.objects.get(pk=body["id"])
+    assert (stored.allowed_clients, stored.max_connections) == (
+        ["backup01", "alice@example.org"], 4)
+    defaults = publish(api, image, "vm2").json()
+    assert (defaults["allowed_clients"], defaults["max_connections"]) == ([], 0)
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"tls_policy": "optional", "allowed_clients": ["bad name"]}, "got 'bad name'"),
+        ({"tls_policy": "optional", "allowed_clients": ["a:b"]}, "letters, digits"),
+        ({"tls_policy": "optional", "allowed_clients": ["x" * 65]}, "1 to 64"),
+        ({"tls_policy": "optional", "allowed_clients": "alice"}, "Expected a list"),
+        ({"allowed_clients": ["alice"]}, "client names can only be checked over TLS: "
+                                         "set tls_policy to optional or required"),
+    ],
+)
+def test_bad_client_names_are_refused(api, image, payload, fragment) -> None:
+    response = publish(api, image, **payload)
+    assert response.status_code == 400
+    body = response.json()
+    assert "allowed_clients" in body, body
+    assert fragment in " ".join(str(m) for m in body["allowed_clients"])
+    assert not Export.objects.exists()
+
+
+def test_a_negative_limit_is_refused(api, image) -> None:
+    response = publish(api, image, max_connections=-1)
+    assert response.status_code == 400
+    assert "max_connections" in response.json()
+
+
+def test_client_names_need_tls_when_patched_too(api, image) -> None:
+    export = publish(api, image, tls_policy="required", allowed_clients=["alice"]).json()
+    url = f"/api/v1/exports/{export['id']}/"
+    off = api.patch(url, {"tls_policy": "off"}, format="json")
+    assert off.status_code == 400
+    assert "only be checked over TLS" in off.json()["allowed_clients"][0]
+    assert Export.objects.get(pk=export["id"]).tls_policy == "required"
+    cleared = api.patch(url, {"tls_policy": "off", "allowed_clients": []}, format="json")
+    assert cleared.status_code == 200, cleared.json()
+    assert cleared.json()["allowed_clients"] == []
+
+
+def test_uris_follow_the_tls_policy(api, image, settings) -> None:
+    settings.NBD_PUBLIC_HOST, settings.NBD_PORT, settings.NBD_TLS_MODE = (
+        "storage1.example.org", 10809, "optional")
+    uris = {}
+    for name, extra in [("plain", {}), ("either", {"tls_policy": "optional"}),
+                        ("secure", {"tls_policy": "required"}),
+                        ("named", {"tls_policy": "optional", "allowed_clients": ["alice"]})]:
+        body = publish(api, image, name, **extra).json()
+        uris[name] = (body["uri"], body["tls_uri"])
+    host = "storage1.example.org"
+    assert uris == {
+        "plain": (f"nbd://{host}/plain", None),
+        "either": (f"nbd://{host}/either", f"nbds://{host}/either"),
+        "secure": (f"nbds://{host}/secure", f"nbds://{host}/secure"),
+        "named": (f"nbds://{host}/named", f"nbds://{host}/named"),
+    }
+    settings.NBD_TLS_MODE = "required"  # the whole server: no clear text anywhere
+    plain = api.get("/api/v1/exports/?name=plain").json()["results"][0]
+    assert (plain["uri"], plain["tls_uri"]) == (f"nbds://{host}/plain", f"nbds://{host}/plain")

@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 
-from appliance.config import database_from_url, env_bool, parse_size, secret_key
+from appliance.config import (
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_number,
+    env_server_names,
+    parse_size,
+    secret_key,
+)
 
 
 @pytest.mark.django_db
@@ -95,6 +104,67 @@ def test_env_bool(monkeypatch) -> None:
     assert env_bool("FLAG", True) is False
     monkeypatch.delenv("FLAG")
     assert env_bool("FLAG", True) is True
+
+
+def test_env_choice(monkeypatch) -> None:
+    modes = ("off", "optional", "required")
+    monkeypatch.delenv("NBD_TLS_MODE", raising=False)
+    assert env_choice("NBD_TLS_MODE", modes, "optional") == "optional"
+    monkeypatch.setenv("NBD_TLS_MODE", " Required ")
+    assert env_choice("NBD_TLS_MODE", modes, "optional") == "required"
+    monkeypatch.setenv("NBD_TLS_MODE", "always")
+    with pytest.raises(ImproperlyConfigured,
+                       match="NBD_TLS_MODE must be one of off, optional, required; got 'always'"):
+        env_choice("NBD_TLS_MODE", modes, "optional")
+
+
+def test_env_number(monkeypatch) -> None:
+    monkeypatch.delenv("N", raising=False)
+    assert env_number("N", 10.0, minimum=0.1, maximum=60, integer=False) == 10.0
+    monkeypatch.setenv("N", "2.5")
+    assert env_number("N", 10.0, minimum=0.1, maximum=60, integer=False) == 2.5
+    monkeypatch.setenv("N", "64K")
+    assert env_number("N", 1, minimum=8192, maximum=1 << 24, size=True) == 65536
+    monkeypatch.setenv("N", "2048")
+    assert env_number("N", 1, minimum=1, maximum=4096) == 2048
+    for bad, message in [("0", "from 1 to 4096"), ("5000", "from 1 to 4096"),
+                         ("1.5", "a whole number"), ("lots", "a whole number")]:
+        monkeypatch.setenv("N", bad)
+        with pytest.raises(ImproperlyConfigured, match=message):
+            env_number("N", 1, minimum=1, maximum=4096)
+    monkeypatch.setenv("N", "nan")
+    with pytest.raises(ImproperlyConfigured, match="a number from"):
+        env_number("N", 1.0, minimum=0.1, maximum=60, integer=False)
+    monkeypatch.setenv("N", "1K")
+    with pytest.raises(ImproperlyConfigured, match="a size in bytes from 8192"):
+        env_number("N", 1, minimum=8192, maximum=1 << 24, size=True)
+
+
+def test_env_server_names(monkeypatch) -> None:
+    monkeypatch.delenv("NAMES", raising=False)
+    assert env_server_names("NAMES") == []
+    monkeypatch.setenv("NAMES", " nbd.example.org, 192.0.2.10,,2001:DB8::1,*.example.net,"
+                       "nbd.example.org")
+    assert env_server_names("NAMES") == ["nbd.example.org", "192.0.2.10", "2001:db8::1",
+                                         "*.example.net"]
+    for bad in ["nbd_1.example.org", "exa mple", "-x.example.org", "a..b", "*"]:
+        monkeypatch.setenv("NAMES", f"ok.example.org,{bad}")
+        with pytest.raises(ImproperlyConfigured, match=f"{bad!r} is neither"):
+            env_server_names("NAMES")
+
+
+def test_settings_refuse_a_bad_tls_mode() -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NBD_TLS_MODE": "sometimes", "DJANGO_SETTINGS_MODULE":
+           "appliance.settings"}
+    out = subprocess.run([sys.executable, "-c", "import django; django.setup()"],
+                         capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode != 0
+    assert "ImproperlyConfigured: NBD_TLS_MODE must be one of off, optional, required" in (
+        out.stderr)
 
 
 def test_nbdcore_does_not_import_django() -> None:

@@ -267,6 +267,49 @@ def test_image_pages_and_delete_confirmation(stack: Stack, page: Any) -> None:
     assert "while exports use it" in page.locator(".form-errors").inner_text()
 
 
+def nbdinfo_tls(stack: Stack, client_dir: Path) -> subprocess.CompletedProcess[bytes]:
+    uri = f"nbds://127.0.0.1:{nbd_port(stack)}/demo?tls-certificates={client_dir}"
+    return subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=30)
+
+
+def test_security_issue_use_and_revoke_a_certificate(stack: Stack, page: Any,
+                                                     tmp_path: Path) -> None:
+    """Issue a client certificate in the browser, connect over TLS with the files the page
+    shows, revoke it: the list says so, the engine refuses it, and the refusal is shown."""
+    page.goto(f"{stack.web}/security/")
+    assert len(page.locator("#ca-fingerprint").inner_text()) == 64
+    shot(page, "11-security")
+    page.fill("#id_issue-name", "browser-client")
+    page.click("#issue-certificate button[type=submit]")
+    page.wait_for_selector("#key-once")
+    client_dir = tmp_path / "browser-client"
+    client_dir.mkdir(mode=0o700)
+    blocks = page.locator("pre.pem-text")
+    for i in range(blocks.count()):
+        block = blocks.nth(i)
+        (client_dir / block.get_attribute("data-file")).write_text(block.inner_text())
+    assert sorted(p.name for p in client_dir.iterdir()) == [
+        "ca-cert.pem", "client-cert.pem", "client-key.pem"]
+    assert "tls-creds-x509,id=tls0,endpoint=client" in page.locator("main").inner_text()
+    shot(page, "12-certificate-issued")
+    assert wait_until(lambda: nbdinfo_tls(stack, client_dir).returncode == 0, timeout=30)
+    page.click("text=Done")
+    row = page.locator("tr[data-certificate='browser-client']")
+    assert row.get_attribute("data-state") == "active"
+    row.locator("button[data-action='revoke']").click()
+    page.wait_for_selector("ul.messages >> text=Revoked the certificate of browser-client")
+    assert row.get_attribute("data-state") == "revoked"
+    assert wait_until(lambda: nbdinfo_tls(stack, client_dir).returncode != 0, timeout=30)
+
+    def refusal_listed() -> bool:
+        page.goto(f"{stack.web}/security/?kind=tls_handshake")
+        return page.locator("#refusal-list tr.refusal").count() > 0
+
+    assert wait_until(refusal_listed, timeout=30)
+    assert "TLS handshake failed" in page.locator("#refusal-list").inner_text()
+    shot(page, "13-security-refusals")
+
+
 def test_log_out(stack: Stack, page: Any) -> None:
     page.goto(f"{stack.web}/")
     page.click("header.top .logout button")

@@ -14,7 +14,7 @@ from appliance.storage.models import Image
 pytestmark = pytest.mark.django_db
 MiB = 1 << 20
 
-PAGES = ["/", "/images/", "/exports/", "/features/", "/overview/panel"]
+PAGES = ["/", "/images/", "/exports/", "/features/", "/overview/panel", "/security/"]
 
 
 @pytest.fixture(autouse=True)

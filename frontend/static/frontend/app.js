@@ -1,5 +1,6 @@
 /* The dashboard's behaviour: live panels (template partials polled), plots fed by the JSON
-   API, copy buttons. Reads only: every change goes through a form (CSRF-protected). */
+   API, copy and download buttons. Reads only: every change goes through a form
+   (CSRF-protected). */
 (function () {
   "use strict";
 
@@ -72,6 +73,30 @@
       sel.addRange(range);
       button.textContent = "Press Ctrl+C";
     }
+  }
+
+  /* ---- download buttons: save the text of an element as a file (a key shown once) */
+  function downloadButtons() {
+    document.addEventListener("click", function (event) {
+      var button = event.target.closest("button.download");
+      if (!button) { return; }
+      var source = document.getElementById(button.getAttribute("data-download"));
+      if (!source) { return; }
+      var blob = new Blob([source.textContent], { type: "application/x-pem-file" });
+      var link = document.createElement("a");
+      link.href = URL.createObjectURL(blob);
+      link.download = button.getAttribute("data-filename") || "download.pem";
+      document.body.appendChild(link);
+      link.click();
+      window.setTimeout(function () { URL.revokeObjectURL(link.href); link.remove(); }, 1000);
+    });
+  }
+
+  /* ---- selects that apply themselves (filters) */
+  function autoSubmit() {
+    document.querySelectorAll("select.autosubmit").forEach(function (select) {
+      select.addEventListener("change", function () { select.form.submit(); });
+    });
   }
 
   /* ---- overview: total and per-export throughput, live */
@@ -193,6 +218,8 @@
   document.addEventListener("DOMContentLoaded", function () {
     pollPanels();
     copyButtons();
+    downloadButtons();
+    autoSubmit();
     overviewChart();
     exportCharts();
     featureChart();

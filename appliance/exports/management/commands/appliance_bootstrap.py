@@ -1,4 +1,5 @@
-"""``manage.py appliance_bootstrap``: the admin account, its API token, a demo export.
+"""``manage.py appliance_bootstrap``: the admin account, its API token, the appliance's CA
+and server certificate, a demo export.
 
 Idempotent: run by ``make run`` on every start. Prints one JSON object (credentials are
 printed only when this command generated the password).
@@ -19,6 +20,8 @@ from rest_framework.authtoken.models import Token
 from appliance.exports.models import Export
 from appliance.exports.selectors import export_uri
 from appliance.exports.services import export_publish
+from appliance.pki.models import CertificateAuthority
+from appliance.pki.services import pki_ensure
 from appliance.storage.models import Image
 from appliance.storage.services import image_create
 
@@ -26,7 +29,7 @@ DEMO_SIZE = 1 << 30
 
 
 class Command(BaseCommand):
-    help = "Create the admin account, its API token and a demo export (idempotent)."
+    help = "Create the admin account, its API token, the CA and a demo export (idempotent)."
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--no-demo", action="store_true", help="skip the demo export")
@@ -49,6 +52,8 @@ class Command(BaseCommand):
         result: dict[str, Any] = {"username": username, "token": token.key}
         if generated:
             result["password"] = password
+        pki_ensure()
+        result["tls_ca_fingerprint"] = CertificateAuthority.objects.get().fingerprint
         if not options["no_demo"]:
             export = Export.objects.filter(name="demo").first()
             if export is None:
