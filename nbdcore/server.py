@@ -15,9 +15,10 @@ replies come back through a per-connection queue and an eventfd, and only the co
 thread ever writes to its socket. Replies therefore go out as requests complete, which
 is not always the order they came in.
 
-TLS: after STARTTLS the connection's socket is an ``ssl.SSLSocket`` and the same loop runs
-over it; replies are written with ``sendall`` (there is no ``sendmsg`` through TLS, so small
-replies are joined first) and never with ``sendfile``.
+TLS: after STARTTLS the connection reads and writes through a ``TlsStream`` (memory BIOs
+over the same socket) and the same loop runs over it: one receive takes every TLS record
+that has arrived, and a batch's replies are encrypted together and leave in one send.
+Never ``sendfile``.
 
 Bounded memory: a connection holds its receive buffer, at most ``MAX_QUEUED_OUT`` bytes of
 replies before they are sent, and at most ``MAX_OFFLOADED`` pool jobs; beyond that it
@@ -61,7 +62,7 @@ from .protocol.transmission import (
     nbd_errno,
 )
 from .stats import ConnectionInfo, NullObserver, Observer, notify
-from .tls import forget_psk_identity, peer_identity
+from .tls import TlsStream, forget_psk_identity, peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ MAX_QUEUED_OUT = 1 << 20  # reply bytes queued before they are sent
 MAX_OFFLOADED = 64  # pool jobs in flight per connection
 IOV_MAX = 1024
 ERROR_PROBE = 4096  # granularity of the search for the first failing byte of a read
-TLS_JOIN = 64 * 1024  # replies smaller than this are joined into one TLS write
+TLS_JOIN = 16 * 1024  # replies smaller than a TLS record are joined before encryption
 # Plain ints for the hot path: IntEnum/IntFlag arithmetic costs microseconds per request.
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
 _TRIM, _CACHE, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
@@ -290,7 +291,8 @@ class _Connection:
 
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
         self.server = server
-        self.sock = sock
+        self.sock = sock  # the TCP socket: timeouts, shutdown, poll
+        self.io: socket.socket | TlsStream = sock  # what requests and replies go through
         self.info = ConnectionInfo(peer=peer)
         self.stats = self.info.stats
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
@@ -386,9 +388,10 @@ class _Connection:
         """Best effort close_notify, so clients see a clean TLS end; never wait long."""
         try:
             self.sock.settimeout(0.2)
-            self.sock.unwrap()  # type: ignore[attr-defined]
-        except (OSError, ValueError):
-            pass
+        except OSError:
+            return
+        assert isinstance(self.io, TlsStream)
+        self.io.close_notify()
 
     def stop_reading(self) -> None:
         """Server shutdown: the next receive sees EOF; queued requests still complete."""
@@ -398,10 +401,9 @@ class _Connection:
         self._shutdown(socket.SHUT_RDWR)
 
     def _shutdown(self, how: int) -> None:
-        # socket.socket's own method: SSLSocket.shutdown would tear down the TLS object
-        # under the connection thread's feet; shutting the descriptor wakes it cleanly.
+        # Shutting the descriptor wakes the connection thread whatever it waits in.
         try:
-            socket.socket.shutdown(self.sock, how)
+            self.sock.shutdown(how)
         except OSError:
             pass
 
@@ -420,7 +422,7 @@ class _Connection:
             out = hs.data_to_send()
             if out:
                 try:
-                    self.sock.sendall(out)
+                    self.io.sendall(out)
                 except OSError:
                     if isinstance(event, Closed):  # a client may close before reading ABORT's ACK
                         return None
@@ -447,7 +449,7 @@ class _Connection:
             raise _Refused("timeout", "handshake took too long")
         self.sock.settimeout(remaining)
         try:
-            return self.sock.recv(65536)
+            return self.io.recv(65536)
         except TimeoutError as exc:
             raise _Refused("timeout", "handshake took too long") from exc
 
@@ -460,17 +462,16 @@ class _Connection:
         self.sock.settimeout(remaining)
         forget_psk_identity()
         try:
-            tls_sock = context.wrap_socket(self.sock, server_side=True,
-                                           do_handshake_on_connect=False)
-            self.sock = tls_sock
-            tls_sock.do_handshake()
+            stream = TlsStream(self.sock, context)
+            stream.do_handshake(deadline)
         except TimeoutError as exc:
             raise _Refused("timeout", "TLS handshake took too long") from exc
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise _Refused("tls_handshake", f"TLS handshake failed: {_ssl_reason(exc)}") from exc
+        self.io = stream
         self.tls = True
         self.use_sendfile = False
-        names, serial = peer_identity(tls_sock)
+        names, serial = peer_identity(stream)
         forget_psk_identity()
         self.info.tls_names, self.info.tls_serial = names, serial
         hs.tls_started(names)
@@ -494,7 +495,7 @@ class _Connection:
         tx = self.tx
         assert tx is not None
         assert self.export is not None
-        sock = self.sock
+        sock = self.io
         buf = bytearray(max(RECV_SIZE, len(leftover) + tx.header_size))
         view = memoryview(buf)
         buf[: len(leftover)] = leftover
@@ -541,8 +542,8 @@ class _Connection:
 
     def _wait_readable(self) -> None:
         """With jobs in the pool, wait for either the socket or a finished job."""
-        if self.tls and self.sock.pending():  # type: ignore[attr-defined]
-            return  # decrypted bytes wait inside TLS: poll would not see them
+        if self.tls and self.io.pending():  # type: ignore[union-attr]
+            return  # records already received wait inside TLS: poll would not see them
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         poller.register(self._efd, select.POLLIN)
@@ -581,7 +582,7 @@ class _Connection:
         while remaining:
             if start == end:
                 start = end = 0
-                n = self.sock.recv_into(view[: min(remaining, len(view))])
+                n = self.io.recv_into(view[: min(remaining, len(view))])
                 if not n:
                     raise _Disconnect("client closed in the middle of a WRITE payload")
                 end = n
@@ -616,7 +617,7 @@ class _Connection:
         while remaining:
             if start == end:
                 start = end = 0
-                n = self.sock.recv_into(view[: min(remaining, len(view))])
+                n = self.io.recv_into(view[: min(remaining, len(view))])
                 if not n:
                     raise _Disconnect("client closed in the middle of a request payload")
                 end = n
@@ -985,7 +986,7 @@ class _Connection:
             if got == 0:
                 raise _ReadFailed(pos) from OSError(errno.EIO, "image file is short")
             try:
-                self.sock.sendall(view[:got])
+                self.io.sendall(view[:got])
             except OSError as exc:
                 raise _Disconnect(f"connection lost: {exc}") from exc
             pos += got
@@ -995,7 +996,7 @@ class _Connection:
         try:
             while count:
                 n = min(len(zeroes), count)
-                self.sock.sendall(zeroes[:n])
+                self.io.sendall(zeroes[:n])
                 count -= n
         except OSError as exc:
             raise _Disconnect(f"connection lost: {exc}") from exc
@@ -1050,25 +1051,28 @@ class _Connection:
             self._timed.clear()
 
     def _flush_tls(self, out: list[bytes | memoryview]) -> None:
-        """sendall per piece, small pieces joined first so they share TLS records."""
-        sock = self.sock
+        """Encrypt the batch (small replies joined, so they share TLS records), then send
+        all of it at once."""
+        stream = self.io
+        assert isinstance(stream, TlsStream)
         small: list[bytes | memoryview] = []
         small_bytes = 0
         try:
             for piece in out:
                 if len(piece) >= TLS_JOIN:
                     if small:
-                        sock.sendall(b"".join(small))
+                        stream.write(b"".join(small))
                         small, small_bytes = [], 0
-                    sock.sendall(piece)
+                    stream.write(piece)
                     continue
                 small.append(piece)
                 small_bytes += len(piece)
                 if small_bytes >= TLS_JOIN:
-                    sock.sendall(b"".join(small))
+                    stream.write(b"".join(small))
                     small, small_bytes = [], 0
             if small:
-                sock.sendall(b"".join(small))
+                stream.write(b"".join(small))
+            stream.send_out()
         except OSError as exc:
             raise _Disconnect(f"connection lost: {exc}") from exc
         out.clear()
