@@ -176,6 +176,9 @@ class TlsStream:
                 break
             except ssl.SSLWantReadError:
                 pass
+            except ssl.SSLError:
+                self._send_alert()  # tell the client why ("certificate revoked")
+                raise
             self._send_out()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -276,13 +279,16 @@ class TlsStream:
         if data:
             self.sock.sendall(data)
 
+    def _send_alert(self) -> None:
+        try:
+            self._send_out()
+        except OSError:
+            pass
+
     def close_notify(self) -> None:
         """Best effort: tell the client the TLS stream ends (never waits for its answer)."""
         try:
             self._tls.unwrap()
         except ssl.SSLError:
             pass
-        try:
-            self._send_out()
-        except OSError:
-            pass
+        self._send_alert()
