@@ -36,6 +36,9 @@ class Export:
     # means any client. Listing names implies TLS: a clear-text client cannot prove one.
     allowed_clients: list[str] = field(default_factory=list)
     max_connections: int = 0  # clients at once; 0 = no limit
+    # Left out of NBD_OPT_LIST: an export whose name is its secret (the appliance's
+    # internal export for moving an image to another node).
+    hidden: bool = False
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_POLICIES:
@@ -170,7 +173,7 @@ class ExportRegistry:
         with self._lock:
             exports = list(self._exports.values())
         # LIST shows what this client could use: a TLS-only export only once TLS is up.
-        return [(e.name, e.description) for e in exports if e.admits(client)]
+        return [(e.name, e.description) for e in exports if not e.hidden and e.admits(client)]
 
     def lookup(self, name: str, client: Client) -> ExportInfo:
         return self.resolve(name, client).info()

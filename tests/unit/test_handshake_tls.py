@@ -251,3 +251,11 @@ def test_export_connection_limit_refuses_with_policy_and_a_reason() -> None:
 def test_unknown_tls_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="tls_mode"):
         Handshake(registry(), PEER, tls_mode="sometimes")
+
+
+def test_hidden_exports_are_served_but_not_listed() -> None:
+    exports = registry()
+    exports.add(Export(".move-1f2e", MemoryBackend(SIZE), read_only=True, hidden=True))
+    hs = start("off", exports)
+    assert ".move-1f2e" not in listed(hs)
+    assert isinstance(go(hs, ".move-1f2e"), ExportChosen)
