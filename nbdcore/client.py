@@ -66,7 +66,8 @@ class Extent:
 class CopyResult:
     data_bytes: int  # bytes read and written
     hole_bytes: int  # bytes left as holes, never transferred
-    sha256: str  # over (offset, data) of every data extent, in order
+    sha256: str  # over (offset, data) of every piece of every data extent, in order
+    extents: tuple[tuple[int, int], ...] = ()  # (offset, length) of the data extents
 
 
 class NbdClient:
@@ -305,21 +306,35 @@ def digest_allocated(client: NbdClient, *, piece: int = MAX_REQUEST) -> CopyResu
     return _walk_data(client, piece, lambda offset, data: None)
 
 
+def digest_file(fd: int, extents: tuple[tuple[int, int], ...], *,
+                piece: int = MAX_REQUEST) -> str:
+    """The digest of a copy read back from the file ``fd``, over the same extents."""
+    digest = hashlib.sha256()
+    for offset, length in extents:
+        for pos in range(offset, offset + length, piece):
+            data = os.pread(fd, min(piece, offset + length - pos), pos)
+            digest.update(wire.U64.pack(pos))
+            digest.update(data)
+    return digest.hexdigest()
+
+
 def _walk_data(client: NbdClient, piece: int,
                sink: Callable[[int, bytes], None]) -> CopyResult:
     digest = hashlib.sha256()
     data_bytes = hole_bytes = 0
+    extents: list[tuple[int, int]] = []
     for extent in client.extents():
         if extent.zero:
             hole_bytes += extent.length
             continue
+        extents.append((extent.offset, extent.length))
         for offset in range(extent.offset, extent.offset + extent.length, piece):
             data = client.pread(min(piece, extent.offset + extent.length - offset), offset)
             sink(offset, data)
             digest.update(wire.U64.pack(offset))
             digest.update(data)
             data_bytes += len(data)
-    return CopyResult(data_bytes, hole_bytes, digest.hexdigest())
+    return CopyResult(data_bytes, hole_bytes, digest.hexdigest(), tuple(extents))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -85,6 +85,11 @@ def test_copy_allocated_moves_only_data_and_keeps_holes(server, image, tmp_path)
     assert file_extents(target) == file_extents(image)  # the copy is as sparse
     with NbdClient.connect("127.0.0.1", server.port, "disk") as client:
         assert digest_allocated(client) == result
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        assert digest_file(fd, result.extents) == result.sha256
+    finally:
+        os.close(fd)
 
 
 def test_errors_are_exceptions_with_the_servers_words(server) -> None:
