@@ -18,6 +18,7 @@ from nbdcore.client import (
     NbdCommandError,
     copy_allocated,
     digest_allocated,
+    digest_file,
 )
 from nbdcore.exports import Export, ExportRegistry
 from nbdcore.tls import TlsSettings, server_context
