@@ -12,5 +12,5 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "appliance.settings")
 
 app = Celery("appliance")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["appliance.engine"])
+app.autodiscover_tasks(["appliance.engine", "appliance.storage"])
 install_worker_step(app)

@@ -19,10 +19,12 @@ __all__ = [
     "database_from_url",
     "env_bool",
     "env_choice",
+    "env_labels",
     "env_number",
     "env_server_names",
     "env_size",
     "is_host_name",
+    "is_node_label",
     "parse_size",
     "secret_key",
 ]
@@ -79,6 +81,36 @@ def is_host_name(value: str) -> bool:
     """An RFC 1123 host name (letters, digits and '-' in dot-separated labels)."""
     labels = value.split(".")
     return 1 <= len(value) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+_NODE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=/-]{0,62}")
+MAX_NODE_LABELS = 32
+
+
+def is_node_label(value: object) -> bool:
+    """A node label: 1 to 63 letters, digits, '.', '_', ':', '=', '/' or '-', starting with
+    a letter or digit (``ssd``, ``rack=a2``, ``zone/eu-west``)."""
+    return isinstance(value, str) and _NODE_LABEL.fullmatch(value) is not None
+
+
+def env_labels(name: str) -> list[str]:
+    """Comma-separated node labels (see ``is_node_label``), deduplicated, in order."""
+    out: list[str] = []
+    for item in (os.environ.get(name) or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not is_node_label(item):
+            raise ImproperlyConfigured(
+                f"{name} lists labels separated by commas, each 1 to 63 letters, digits, "
+                f"'.', '_', ':', '=', '/' or '-' starting with a letter or digit; got {item!r}"
+            )
+        if item not in out:
+            out.append(item)
+    if len(out) > MAX_NODE_LABELS:
+        raise ImproperlyConfigured(f"{name} lists {len(out)} labels; at most "
+                                   f"{MAX_NODE_LABELS} are allowed")
+    return out
 
 
 def env_server_names(name: str) -> list[str]:

@@ -21,6 +21,9 @@ __all__ = [
     "ImageTooLarge",
     "InsufficientSpace",
     "InvalidEngineSnapshot",
+    "NoNodeAvailable",
+    "NodeOperationFailed",
+    "NodeUnavailable",
     "PskIdentityNameTaken",
     "PskUnsupported",
     "QuotaExceeded",
@@ -121,6 +124,35 @@ class PskUnsupported(ApplianceError):
 
     code = "psk_unsupported"
     status = 400
+
+
+class NodeUnavailable(ApplianceError):
+    """The node that holds the image is down or did not answer in time (503). Placement
+    on a named node that is unknown or down answers 400 with the same code (``status``)."""
+
+    code = "node_unavailable"
+    status = 503
+
+    def __init__(self, message: str, *, field: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message, field=field)
+        if status is not None:
+            self.status = status
+
+
+class NodeOperationFailed(ApplianceError):
+    """A storage operation failed on its node for a reason that is not a rule of the
+    appliance (a disk error, a bug): the node's message is passed on."""
+
+    code = "node_operation_failed"
+    status = 502
+
+
+class NoNodeAvailable(ApplianceError):
+    """No node that is up (and has the labels asked for) can take a new image."""
+
+    code = "no_node_available"
+    status = 409
 
 
 def human_size(n: int) -> str:

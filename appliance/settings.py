@@ -10,7 +10,15 @@ REDIS_URL                  live metrics and the Celery broker (default redis://1
 APPLIANCE_PROVISION_QUOTA  sum of the virtual sizes of all images (default 64T)
 APPLIANCE_IMAGE_MAX_SIZE   largest single image (default 16T; APPLIANCE_IMAGE_MIN_SIZE 1M)
 APPLIANCE_STORAGE_RESERVE  free space never given to images (default 1G)
-APPLIANCE_NODE_NAME        node that serves new exports (default: the host name)
+APPLIANCE_NODE_NAME        this host's node name: its engine worker registers it, and its
+                           images and exports are placed on it (default: the host name)
+APPLIANCE_ROLE             all | central | node: web and storage on this host (default all),
+                           web, API and beat only (central: no storage here), or a storage
+                           host running only the engine worker (node)
+APPLIANCE_NODE_LABELS      this node's labels, comma separated (e.g. ssd,rack=a2): new images
+                           asking for labels are placed on nodes having all of them
+APPLIANCE_NODE_DOWN_AFTER  seconds without a heartbeat after which a node is shown down and
+                           its exports unavailable (default 15; the workers beat every 5)
 NBD_BIND, NBD_PORT         where this node's engine listens (default 127.0.0.1, 10809)
 NBD_PUBLIC_HOST            host name clients use in nbd:// URIs (default NBD_BIND)
 NBD_TLS_MODE               off | optional | required: STARTTLS refused, offered, or demanded
@@ -25,6 +33,8 @@ APPLIANCE_TLS_SERVER_NAMES extra names and addresses of the server certificate, 
                            and NBD_BIND unless a wildcard address are always in it)
 APPLIANCE_HISTORY_RETENTION  how long per-export samples are kept (default 7d, in seconds)
 APPLIANCE_METRICS_TOKEN    bearer token Prometheus may use for /metrics (default: none)
+APPLIANCE_REMOTE_TIMEOUT   seconds to wait for another node to run a storage operation
+                           (create, grow, clone, delete) before answering 503 (default 120)
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from .config import (
     database_from_url,
     env_bool,
     env_choice,
+    env_labels,
     env_number,
     env_server_names,
     env_size,
@@ -69,6 +80,7 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "appliance.nodes",
     "appliance.storage",
     "appliance.exports",
     "appliance.sessions.apps.ClientSessionsConfig",
@@ -145,6 +157,10 @@ SESSION_COOKIE_HTTPONLY = True
 STORAGE_ROOT = Path(os.environ.get("STORAGE_ROOT") or VAR_DIR / "images")
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 APPLIANCE_NODE_NAME = os.environ.get("APPLIANCE_NODE_NAME") or socket.gethostname()
+APPLIANCE_ROLE = env_choice("APPLIANCE_ROLE", ("all", "central", "node"), "all")
+APPLIANCE_NODE_LABELS = env_labels("APPLIANCE_NODE_LABELS")
+APPLIANCE_NODE_DOWN_AFTER = env_number("APPLIANCE_NODE_DOWN_AFTER", 15.0, minimum=1,
+                                       maximum=86400, integer=False)
 APPLIANCE_PROVISION_QUOTA = env_size("APPLIANCE_PROVISION_QUOTA", "64T")
 APPLIANCE_IMAGE_MIN_SIZE = env_size("APPLIANCE_IMAGE_MIN_SIZE", "1M")
 APPLIANCE_IMAGE_MAX_SIZE = env_size("APPLIANCE_IMAGE_MAX_SIZE", "16T")
@@ -171,6 +187,12 @@ APPLIANCE_METRICS_TOKEN = os.environ.get("APPLIANCE_METRICS_TOKEN", "")
 CELERY_BROKER_URL = REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = "appliance"
 CELERY_TASK_IGNORE_RESULT = True
+# Only storage.run keeps its result: the host that asked a node to create, grow, clone or
+# delete an image waits for the answer (appliance.storage.remote).
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_RESULT_EXPIRES = 3600
+APPLIANCE_REMOTE_TIMEOUT = env_number("APPLIANCE_REMOTE_TIMEOUT", 120.0, minimum=1,
+                                      maximum=3600, integer=False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # An API call that queues engine.sync must not hang on a missing broker: fail fast, the
@@ -216,7 +238,8 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     # A revocation reason is asked for and reported under two field names: one enum.
-    "ENUM_NAME_OVERRIDES": {"RevocationReasonEnum": "appliance.pki.models.RevocationReason"},
+    "ENUM_NAME_OVERRIDES": {"RevocationReasonEnum": "appliance.pki.models.RevocationReason",
+                            "NodeStatusEnum": "appliance.nodes.models.NodeStatus"},
 }
 
 LOGGING = {

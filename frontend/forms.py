@@ -79,10 +79,51 @@ class SizeField(forms.Field):
 _NAME_ATTRS = {"autocomplete": "off", "spellcheck": "false"}
 
 
-class ImageCreateForm(forms.Form):
+_SEPARATORS_LABELS = re.compile(r"[\s,;]+")
+
+
+class LabelsField(forms.CharField):
+    """Node labels separated by commas or spaces; the placement service checks them."""
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        text = super().to_python(value) or ""
+        return [part for part in _SEPARATORS_LABELS.split(text) if part]
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return ", ".join(value)
+        return value
+
+
+class PlacementMixin(forms.Form):
+    """Where a new image goes: a node that is up, or any node with the labels given."""
+
+    node = forms.CharField(
+        required=False, label="Node", widget=forms.Select,
+        help_text="leave automatic to use the node with the most free space")
+    labels = LabelsField(
+        required=False, label="Node labels", max_length=1024,
+        widget=forms.TextInput(attrs={"placeholder": "ssd, rack=a2", **_NAME_ATTRS}),
+        help_text="automatic placement only considers nodes having all of these")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from appliance.nodes.selectors import nodes_up
+
+        from .templatetags.dashboard import size
+
+        choices = [("", "automatic (most free space)")]
+        for node in nodes_up():
+            labels = f" [{', '.join(node.labels)}]" if node.labels else ""
+            choices.append((node.name, f"{node.name}: {size(node.free_bytes)} free{labels}"))
+        self.fields["node"].widget.choices = choices
+
+
+class ImageCreateForm(PlacementMixin, forms.Form):
     name = forms.CharField(max_length=128, widget=forms.TextInput(attrs=_NAME_ATTRS))
     size = SizeField()
     description = forms.CharField(max_length=1024, required=False)
+    field_order = ["name", "size", "description", "node", "labels"]
 
 
 class ImageGrowForm(forms.Form):
@@ -98,11 +139,12 @@ class ImageCloneForm(forms.Form):
     description = forms.CharField(max_length=1024, required=False)
 
 
-class ImageImportForm(forms.Form):
+class ImageImportForm(PlacementMixin, forms.Form):
     name = forms.CharField(max_length=128, widget=forms.TextInput(attrs=_NAME_ATTRS))
     file = forms.FileField(label="Raw image file",
                            help_text="a raw disk image; all-zero blocks become holes")
     description = forms.CharField(max_length=1024, required=False)
+    field_order = ["name", "file", "description", "node", "labels"]
 
 
 _SEPARATORS = re.compile(r"[\s,;]+")

@@ -19,6 +19,7 @@ from appliance.engine.live import export_live, live_by_session, node_status
 from appliance.errors import ApplianceError, human_size
 from appliance.exports.models import Export, TlsPolicy
 from appliance.exports.selectors import (
+    export_address,
     export_list,
     export_requires_tls,
     export_tls_uri,
@@ -26,6 +27,8 @@ from appliance.exports.selectors import (
     server_tls_mode,
 )
 from appliance.exports.services import export_delete, export_publish, export_update
+from appliance.nodes.models import Node
+from appliance.nodes.selectors import node_heartbeat_age, node_is_up, node_list, node_map
 from appliance.sessions.models import FEATURES, Fingerprint, RefusalKind
 from appliance.sessions.selectors import refusal_list, session_feature_stats, session_list
 from appliance.storage.selectors import image_list, image_usage, storage_usage
@@ -78,7 +81,20 @@ def page(view: Any) -> Any:
 # ------------------------------------------------------------------ helpers
 
 
+def _node_state(name: str, nodes: dict[str, Node], now: Any = None) -> dict[str, Any]:
+    """How the dashboard shows a node a row names: up, down, or never registered."""
+    node = nodes.get(name)
+    if node is None:
+        return {"name": name, "state": "unknown", "up": False, "age": None}
+    up = node_is_up(node, now=now)
+    return {"name": name, "state": "up" if up else "down", "up": up,
+            "age": node_heartbeat_age(node, now=now)}
+
+
 def _image_rows(images: Any) -> list[dict[str, Any]]:
+    images = list(images)
+    nodes = node_map({image.node for image in images})
+    now = timezone.now()
     rows = []
     for image in images:
         usage = image_usage(image)
@@ -92,8 +108,17 @@ def _image_rows(images: Any) -> list[dict[str, Any]]:
             "percent": round(percent, 1),
             "bar_width": f"{max(percent, 0.5 if allocated else 0):.1f}",
             "exports": [e.name for e in image.exports.all()],
+            "node": _node_state(image.node, nodes, now),
         })
     return rows
+
+
+def _export_rows(exports: Any) -> list[dict[str, Any]]:
+    exports = list(exports)
+    nodes = node_map()
+    now = timezone.now()
+    return [{"export": e, "uri": export_uri(e, nodes=nodes),
+             "node": _node_state(e.node, nodes, now)} for e in exports]
 
 
 def size_text(n: int) -> str:
@@ -124,12 +149,10 @@ def client_dir(client: str) -> str:
 
 def _tls_commands(export: Export, client: str) -> list[tuple[str, str]]:
     """The same commands over TLS with the certificates of ``client``."""
-    from django.conf import settings
-
     directory = client_dir(client)
     uri = f"{export_tls_uri(export)}?tls-certificates={directory}"
     creds = f"tls-creds-x509,id=tls0,endpoint=client,dir={directory}"
-    host, port = settings.NBD_PUBLIC_HOST, settings.NBD_PORT
+    host, port = export_address(export)
     nbd = f"host={host},port={port},export={export.name},tls-creds=tls0"
     file_nbd = ",".join(f"file.{part}" for part in nbd.split(","))
     return [
@@ -279,10 +302,11 @@ def images(request: HttpRequest) -> HttpResponse:
             if create.is_valid():
                 data = create.cleaned_data
                 image = call_service(create, image_create, name=data["name"],
-                                     size=data["size"], description=data["description"])
+                                     size=data["size"], description=data["description"],
+                                     node=data["node"] or None, labels=data["labels"])
                 if image is not None:
                     messages.success(request, f"Created image {image.name} "
-                                              f"({human_size(image.size)}).")
+                                              f"({human_size(image.size)}) on {image.node}.")
                     return redirect("frontend:images")
         else:
             upload = ImageImportForm(request.POST, request.FILES, prefix="import")
@@ -292,11 +316,11 @@ def images(request: HttpRequest) -> HttpResponse:
                 image = call_service(
                     upload, image_create_from_upload, fields={"size": "file"},
                     name=data["name"], description=data["description"], stream=file,
-                    length=file.size,
+                    length=file.size, node=data["node"] or None, labels=data["labels"],
                 )
                 if image is not None:
                     messages.success(request, f"Imported image {image.name} "
-                                              f"({human_size(image.size)}).")
+                                              f"({human_size(image.size)}) on {image.node}.")
                     return redirect("frontend:images")
         status = 400
     else:
@@ -374,7 +398,7 @@ def exports(request: HttpRequest) -> HttpResponse:
             if export is not None:
                 messages.success(request, f"Published {export.image.name} as {export.name}.")
                 return redirect("frontend:export", pk=export.pk)
-    rows = [{"export": e, "uri": export_uri(e)} for e in export_list()]
+    rows = _export_rows(export_list())
     return render(request, "frontend/exports.html", {
         "nav": "exports", "rows": rows, "form": form,
     }, status=status)
@@ -402,6 +426,7 @@ def export_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "frontend/export_detail.html", {
         "nav": "exports", "export": export, "access": access, **_connect_context(export),
         **_export_live_context(export),
+        "node": _node_state(export.node, node_map([export.node])),
     }, status=status)
 
 
@@ -432,6 +457,64 @@ def export_toggle(request: HttpRequest, pk: int) -> HttpResponse:
     if target == "list":
         return redirect("frontend:exports")
     return redirect("frontend:export", pk=export.pk)
+
+
+# ------------------------------------------------------------------ nodes
+
+
+def _node_rows() -> list[dict[str, Any]]:
+    """Every node with its health, space and what it holds; names that images or exports
+    carry but no engine worker registered are listed too (as never seen)."""
+    from appliance.storage.models import Image
+
+    now = timezone.now()
+    nodes = list(node_list())
+    images: dict[str, list[Any]] = {}
+    for pk, name, node in Image.objects.order_by("name").values_list("pk", "name", "node"):
+        images.setdefault(node, []).append({"pk": pk, "name": name})
+    exports: dict[str, list[Any]] = {}
+    for pk, name, node in Export.objects.order_by("name").values_list("pk", "name", "node"):
+        exports.setdefault(node, []).append({"pk": pk, "name": name})
+    rows = []
+    for node in nodes:
+        capacity, free = node.capacity_bytes, node.free_bytes
+        used = max(capacity - free, 0)
+        percent = min(100.0, 100.0 * used / capacity) if capacity else 0.0
+        up = node_is_up(node, now=now)
+        rows.append({
+            "node": node, "name": node.name, "registered": True, "up": up,
+            "state": "up" if up else "down", "age": node_heartbeat_age(node, now=now),
+            "capacity": capacity, "free": free, "used": used, "percent": round(percent, 1),
+            "bar_width": f"{percent:.1f}", "labels": node.labels,
+            "images": images.get(node.name, []), "exports": exports.get(node.name, []),
+        })
+    known = {node.name for node in nodes}
+    for name in sorted((set(images) | set(exports)) - known):
+        rows.append({"node": None, "name": name, "registered": False, "up": False,
+                     "state": "unknown", "age": None, "labels": [],
+                     "images": images.get(name, []), "exports": exports.get(name, [])})
+    return rows
+
+
+def _nodes_context() -> dict[str, Any]:
+    from django.conf import settings
+
+    rows = _node_rows()
+    return {"rows": rows, "up_count": sum(1 for r in rows if r["up"]),
+            "down_after": settings.APPLIANCE_NODE_DOWN_AFTER}
+
+
+@page
+@require_GET
+def nodes(request: HttpRequest) -> HttpResponse:
+    return render(request, "frontend/nodes.html", {"nav": "nodes", **_nodes_context()})
+
+
+@page
+@require_GET
+def nodes_panel(request: HttpRequest) -> HttpResponse:
+    """The node table, polled by the Nodes page."""
+    return render(request, "frontend/_nodes_panel.html", _nodes_context())
 
 
 @page
@@ -627,8 +710,6 @@ def security_revoke(request: HttpRequest, pk: int) -> HttpResponse:
 @never_cache  # the page holds a secret key
 @require_POST
 def security_psk_create(request: HttpRequest) -> HttpResponse:
-    from django.conf import settings
-
     from appliance.pki.services import psk_identity_create
 
     form = PskIdentityForm(request.POST, prefix="psk")
@@ -642,7 +723,7 @@ def security_psk_create(request: HttpRequest) -> HttpResponse:
     keys = "$HOME/nbd-tls/psk/keys.psk"  # qemu's tls-creds-psk reads keys.psk in its dir
     commands = []
     if example is not None:
-        host, port = settings.NBD_PUBLIC_HOST, settings.NBD_PORT
+        host, port = export_address(example)
         uri = export_tls_uri(example) or ""
         scheme_host = uri.replace("nbds://", f"nbds://{identity.name}@", 1)
         commands = [

@@ -115,13 +115,29 @@ def make_image(db: None) -> Callable[..., Any]:
     return factory
 
 
+def place_on(image: Any, node: str) -> Any:
+    """Record ``image`` as held by ``node`` (the database only: its file stays where it
+    is), for tests about images and exports of other nodes."""
+    from appliance.storage.models import Image
+
+    Image.objects.filter(pk=image.pk).update(node=node)
+    image.node = node
+    return image
+
+
 @pytest.fixture
 def make_export(make_image: Callable[..., Any]) -> Callable[..., Any]:
+    """``make_export(name, image=None, node=None, **fields)``: an export of a new (or the
+    given) image; with ``node``, the image is recorded on that node first (an export is
+    served by its image's node)."""
     from appliance.exports.services import export_publish
 
-    def factory(name: str = "vm1", image: Any = None, **kwargs: Any) -> Any:
+    def factory(name: str = "vm1", image: Any = None, node: str | None = None,
+                **kwargs: Any) -> Any:
         if image is None:
             image = make_image(name=f"{name}-disk")
+        if node is not None and image.node != node:
+            place_on(image, node)
         return export_publish(image=image, name=name, **kwargs)
 
     return factory
@@ -135,3 +151,27 @@ def allocated(path: Path) -> int:
 def data_ranges(path: Path) -> list[tuple[int, int]]:
     """(offset, length) of the file's data extents, from SEEK_DATA/SEEK_HOLE."""
     return [(offset, length) for offset, length, is_data in file_extents(path) if is_data]
+
+
+@pytest.fixture
+def make_node(db: None) -> Callable[..., Any]:
+    """``make_node(name, free=..., labels=..., age=0)``: a registered node whose last
+    heartbeat was ``age`` seconds ago (no clock waits: status comes from the timestamp)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from appliance.nodes.models import Node
+
+    def factory(name: str = "node1", *, free: int = 100 * GiB, capacity: int = 200 * GiB,
+                labels: tuple[str, ...] | list[str] = (), age: float = 0.0,
+                nbd_host: str = "127.0.0.1", nbd_port: int = 10809) -> Any:
+        beat = timezone.now() - timedelta(seconds=age)
+        node, _ = Node.objects.update_or_create(name=name, defaults={
+            "nbd_host": nbd_host, "nbd_port": nbd_port, "storage_root": f"/srv/{name}",
+            "capacity_bytes": capacity, "free_bytes": free, "labels": list(labels),
+            "version": "test", "started_at": beat, "last_heartbeat": beat,
+        })
+        return node
+
+    return factory

@@ -9,6 +9,8 @@ from django.db import models
 from django.db.models import Q, QuerySet
 
 from appliance.exports.models import Export, TlsPolicy
+from appliance.nodes.models import Node
+from appliance.nodes.selectors import nodes_up
 from appliance.sessions.models import (
     FEATURES,
     ClientSession,
@@ -41,7 +43,26 @@ _STRICT_BOOLEANS = {models.BooleanField: {"filter_class": StrictBooleanFilter}}
 class ImageFilter(filters.FilterSet):
     class Meta:
         model = Image
-        fields = {"name": ["exact", "icontains"], "cloned_from": ["exact"]}
+        fields = {"name": ["exact", "icontains"], "cloned_from": ["exact"], "node": ["exact"]}
+
+
+class NodeFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(choices=[("up", "up"), ("down", "down")],
+                                  method="filter_status", help_text="up or down")
+    label = filters.CharFilter(method="filter_label", help_text="nodes having this label")
+
+    class Meta:
+        model = Node
+        fields = ["name"]
+
+    def filter_status(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        up = nodes_up().values("pk")
+        return queryset.filter(pk__in=up) if value == "up" else queryset.exclude(pk__in=up)
+
+    def filter_label(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        # JSON containment is not on SQLite: filter the (few) nodes in Python.
+        names = [n.name for n in Node.objects.only("name", "labels") if value in n.labels]
+        return queryset.filter(name__in=names)
 
 
 class ExportFilter(filters.FilterSet):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.utils import html
 
 from appliance.exports.models import Export, TlsPolicy
 from appliance.exports.selectors import export_tls_uri, export_uri
@@ -15,6 +17,9 @@ from appliance.exports.validators import (
     normalize_networks,
     validate_export_name,
 )
+from appliance.nodes.models import Node, NodeStatus
+from appliance.nodes.selectors import node_heartbeat_age, node_is_up, node_map
+from appliance.nodes.validators import normalize_labels, validate_node_name
 from appliance.sessions.models import (
     FEATURES,
     ClientSession,
@@ -27,6 +32,39 @@ from appliance.storage.models import Image
 from appliance.storage.validators import validate_image_name, validate_image_size
 
 # ------------------------------------------------------------------ images
+
+
+class LabelsField(serializers.ListField):
+    """Node labels: a JSON list, or in a query string repeated and/or comma separated
+    (``?labels=ssd,rack=a2`` or ``?labels=ssd&labels=rack=a2``)."""
+
+    child = serializers.CharField(max_length=63, trim_whitespace=True)
+
+    def get_value(self, dictionary: Any) -> Any:
+        value = super().get_value(dictionary)
+        if html.is_html_input(dictionary) and isinstance(value, list):
+            value = [part for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    def to_internal_value(self, data: Any) -> list[str]:
+        value = super().to_internal_value(data)
+        try:
+            return normalize_labels(value)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from exc
+
+
+def _placement_fields() -> dict[str, serializers.Field]:
+    return {
+        "node": serializers.CharField(
+            required=False, max_length=253, validators=[validate_node_name],
+            help_text="the node to create the image on (it must be up); leave it out to let "
+            "the appliance choose the node with the most free space"),
+        "labels": LabelsField(
+            required=False, write_only=True,
+            help_text="placement only: choose among the nodes having all these labels "
+            "(APPLIANCE_NODE_LABELS of each node)"),
+    }
 
 
 class ImageSerializer(serializers.ModelSerializer):
@@ -43,6 +81,8 @@ class ImageSerializer(serializers.ModelSerializer):
         help_text="st_blocks * 512: bytes the sparse file really occupies",
     )
     exports = serializers.SlugRelatedField(many=True, read_only=True, slug_field="name")
+    node = _placement_fields()["node"]
+    labels = _placement_fields()["labels"]
 
     class Meta:
         model = Image
@@ -51,6 +91,8 @@ class ImageSerializer(serializers.ModelSerializer):
             "name",
             "description",
             "size",
+            "node",
+            "labels",
             "virtual_size",
             "allocated_size",
             "cloned_from",
@@ -97,6 +139,16 @@ class ImageSerializer(serializers.ModelSerializer):
                     ]
                 }
             )
+        if self.instance is not None:
+            if attrs.get("node", self.instance.node) != self.instance.node:
+                raise serializers.ValidationError({"node": [
+                    f"image {self.instance.name!r} is on node {self.instance.node!r}: the node "
+                    "is chosen when the image is created (moving it is another operation)"]})
+            if "labels" in attrs:
+                raise serializers.ValidationError({"labels": [
+                    "labels only guide where a new image is placed; an existing image keeps "
+                    "its node"]})
+            attrs.pop("node", None)
         return attrs
 
 
@@ -124,7 +176,11 @@ class ImageCloneSerializer(serializers.Serializer):
 
 
 class ImageUploadQuerySerializer(ImageCloneSerializer):
-    """Query parameters of ``POST /api/v1/images/import?name=...``."""
+    """Query parameters of ``POST /api/v1/images/import?name=...`` (``&node=...`` or
+    ``&labels=ssd,fast`` to choose where the new image goes)."""
+
+    node = _placement_fields()["node"]
+    labels = _placement_fields()["labels"]
 
 
 class StorageUsageSerializer(serializers.Serializer):
@@ -156,8 +212,13 @@ class ExportSerializer(serializers.ModelSerializer):
         "that may connect, over TLS only; empty allows every client",
     )
     active_sessions = serializers.SerializerMethodField()
+    node = serializers.CharField(
+        read_only=True, help_text="the node serving the export: the one holding its image")
+    available = serializers.SerializerMethodField(
+        help_text="whether the export's node is up (its engine worker beats)")
     uri = serializers.SerializerMethodField(
-        help_text="URI clients connect to: nbds:// when the export requires TLS, else nbd://")
+        help_text="URI clients connect to, naming the address of the export's node: nbds:// "
+        "when the export requires TLS, else nbd://")
     tls_uri = serializers.SerializerMethodField(
         help_text="nbds:// URI when TLS is offered for this export (policy optional or "
         "required), else null")
@@ -178,6 +239,7 @@ class ExportSerializer(serializers.ModelSerializer):
             "allowed_clients",
             "max_connections",
             "node",
+            "available",
             "uri",
             "tls_uri",
             "active_sessions",
@@ -185,10 +247,7 @@ class ExportSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["created_at", "updated_at"]
-        extra_kwargs = {
-            "name": {"validators": [validate_export_name]},
-            "node": {"required": False},
-        }
+        extra_kwargs = {"name": {"validators": [validate_export_name]}}
 
     def validate_name(self, value: str) -> str:
         others = Export.objects.filter(name=value).select_related("image")
@@ -208,13 +267,27 @@ class ExportSerializer(serializers.ModelSerializer):
     def validate_allowed_clients(self, value: list[str]) -> list[str]:
         return normalize_client_names(value)
 
+    def _nodes(self) -> dict[str, Node]:
+        """Every node, looked up once for all the exports rendered together."""
+        nodes = self.context.get("nodes")
+        if nodes is None:
+            nodes = node_map()
+            if isinstance(self.context, dict):
+                self.context["nodes"] = nodes
+        return nodes
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_available(self, export: Export) -> bool:
+        node = self._nodes().get(export.node)
+        return node is not None and node_is_up(node)
+
     @extend_schema_field(OpenApiTypes.STR)
     def get_uri(self, export: Export) -> str:
-        return export_uri(export)
+        return export_uri(export, nodes=self._nodes())
 
     @extend_schema_field({"type": "string", "nullable": True})
     def get_tls_uri(self, export: Export) -> str | None:
-        return export_tls_uri(export)
+        return export_tls_uri(export, nodes=self._nodes())
 
     @extend_schema_field(OpenApiTypes.INT)
     def get_active_sessions(self, export: Export) -> int:
@@ -222,6 +295,33 @@ class ExportSerializer(serializers.ModelSerializer):
         if annotated is not None:
             return int(annotated)
         return export.sessions.filter(disconnected_at__isnull=True).count()
+
+
+# ------------------------------------------------------------------ nodes
+
+
+class NodeSerializer(serializers.ModelSerializer):
+    status = serializers.ChoiceField(
+        choices=NodeStatus.choices, read_only=True,
+        help_text="up while its engine worker beats (within APPLIANCE_NODE_DOWN_AFTER "
+        "seconds), else down")
+    heartbeat_age = serializers.SerializerMethodField(
+        help_text="seconds since the last heartbeat")
+    address = serializers.CharField(read_only=True, help_text="host:port NBD clients dial")
+    images_count = serializers.IntegerField(read_only=True, help_text="images on this node")
+    exports_count = serializers.IntegerField(read_only=True,
+                                             help_text="exports served by this node")
+
+    class Meta:
+        model = Node
+        fields = ["name", "status", "heartbeat_age", "last_heartbeat", "started_at", "nbd_host",
+                  "nbd_port", "address", "storage_root", "capacity_bytes", "free_bytes",
+                  "labels", "version", "images_count", "exports_count"]
+        read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.DOUBLE)
+    def get_heartbeat_age(self, node: Node) -> float:
+        return round(node_heartbeat_age(node), 1)
 
 
 # ------------------------------------------------------------------ sessions

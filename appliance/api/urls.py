@@ -9,6 +9,7 @@ from .views import (
     ExportViewSet,
     FeatureStatsView,
     ImageViewSet,
+    NodeViewSet,
     TokenView,
 )
 
@@ -16,6 +17,7 @@ router = DefaultRouter()
 router.trailing_slash = "/?"  # the constructor only knows "/" or ""
 router.register("images", ImageViewSet, basename="image")
 router.register("exports", ExportViewSet, basename="export")
+router.register("nodes", NodeViewSet, basename="node")
 router.register("sessions", ClientSessionViewSet, basename="session")
 router.register("refusals", ConnectionRefusalViewSet, basename="refusal")
 

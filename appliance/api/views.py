@@ -14,8 +14,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from appliance.engine.live import export_live, live_by_session, live_sessions, node_status
-from appliance.exports.selectors import export_list, export_tls_uri, export_uri
+from appliance.exports.selectors import (
+    export_available,
+    export_list,
+    export_tls_uri,
+    export_uri,
+)
 from appliance.exports.services import export_delete, export_publish, export_update
+from appliance.nodes.selectors import node_list
 from appliance.sessions.selectors import (
     export_history,
     refusal_list,
@@ -35,7 +41,13 @@ from appliance.storage.services import (
 )
 
 from .exceptions import LengthRequired
-from .filters import ClientSessionFilter, ConnectionRefusalFilter, ExportFilter, ImageFilter
+from .filters import (
+    ClientSessionFilter,
+    ConnectionRefusalFilter,
+    ExportFilter,
+    ImageFilter,
+    NodeFilter,
+)
 from .serializers import (
     ClientSessionSerializer,
     ConnectionRefusalSerializer,
@@ -48,6 +60,7 @@ from .serializers import (
     ImageGrowSerializer,
     ImageSerializer,
     ImageUploadQuerySerializer,
+    NodeSerializer,
     StorageUsageSerializer,
     TokenRequestSerializer,
     TokenResponseSerializer,
@@ -96,7 +109,7 @@ class ImageViewSet(viewsets.ModelViewSet):
 
     serializer_class = ImageSerializer
     filterset_class = ImageFilter
-    ordering_fields = ["name", "size", "created_at"]
+    ordering_fields = ["name", "size", "created_at", "node"]
 
     def get_queryset(self) -> Any:
         return image_list()
@@ -193,7 +206,8 @@ class ExportViewSet(viewsets.ModelViewSet):
         export = self.get_object()
         data = export_live(export.name)
         data.update(export=export.name, uri=export_uri(export), tls_uri=export_tls_uri(export),
-                    enabled=export.enabled, engine=node_status(export.node))
+                    enabled=export.enabled, engine=node_status(export.node), node=export.node,
+                    node_available=export_available(export))
         data["sessions"] = [s for s in live_sessions() if s.get("export") == export.name]
         return Response(data)
 
@@ -207,6 +221,22 @@ class ExportViewSet(viewsets.ModelViewSet):
         params.is_valid(raise_exception=True)
         samples = export_history(export_name=export.name, **params.validated_data)
         return Response(ExportSampleSerializer(samples, many=True).data)
+
+
+@extend_schema(tags=["nodes"])
+class NodeViewSet(viewsets.ReadOnlyModelViewSet):
+    """The storage nodes: their NBD address, space, labels, health and what they hold.
+    Engine workers register and refresh them; a node is down once it misses heartbeats for
+    APPLIANCE_NODE_DOWN_AFTER seconds."""
+
+    serializer_class = NodeSerializer
+    filterset_class = NodeFilter
+    lookup_field = "name"
+    lookup_value_regex = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+    ordering_fields = ["name", "free_bytes", "capacity_bytes", "last_heartbeat"]
+
+    def get_queryset(self) -> Any:
+        return node_list()
 
 
 @extend_schema(tags=["sessions"])

@@ -1,5 +1,8 @@
 """The engine worker owns its node's engine process: started with the worker, restarted
-when it dies or stops beating, drained when the worker stops.
+when it dies or stops beating, drained when the worker stops. It also keeps the node's
+row in the database (``appliance.nodes``): registered when the worker starts, before the
+engine, and refreshed every 5 s, so that the cluster sees the node up, and down soon after
+the worker stops.
 
 This is a Celery worker bootstep rather than a task on purpose: a forever-running task
 could be redelivered after a broker visibility timeout and start a second copy.
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -126,6 +130,94 @@ class EngineSupervisor:
         return None if self.proc is None else self.proc.pid
 
 
+def _register_node() -> None:
+    from appliance.nodes.services import node_register
+
+    node_register()
+
+
+def _beat_node() -> None:
+    from appliance.nodes.services import node_heartbeat
+
+    node_heartbeat()
+
+
+class NodeHeartbeat:
+    """Registers this host's node, then beats every ``every_s`` seconds, in a thread of its
+    own: the database may be away or slow, which must never stall or stop the engine's
+    watchdog. Failures are logged; a registration that failed is tried again at each beat.
+    """
+
+    def __init__(self, *, every_s: float = 5.0,
+                 register: Callable[[], None] = _register_node,
+                 beat: Callable[[], None] = _beat_node) -> None:
+        self.every_s = every_s
+        self._register = register
+        self._beat = beat
+        self.registered = False
+        self.beats = 0
+        self.failures = 0
+        self._first = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, *, wait_s: float = 5.0) -> None:
+        """Start beating; wait up to ``wait_s`` for the registration (the engine starts
+        after it, unless the database does not answer in time)."""
+        self._thread = threading.Thread(target=self._run, name="node-heartbeat", daemon=True)
+        self._thread.start()
+        self._first.wait(wait_s)
+
+    def _run(self) -> None:
+        try:
+            self._tick()
+            self._first.set()
+            while not self._stop.wait(self.every_s):
+                self._tick()
+        finally:
+            self._first.set()
+            self._close_db()
+
+    def _tick(self) -> None:
+        self._fresh_db()
+        try:
+            if self.registered:
+                self._beat()
+                self.beats += 1
+            else:
+                self._register()
+                self.registered = True
+        except Exception as exc:
+            self.failures += 1
+            log.warning("node %s failed (%s: %s); trying again in %gs",
+                        "heartbeat" if self.registered else "registration",
+                        type(exc).__name__, exc, self.every_s)
+            self._close_db()
+
+    @staticmethod
+    def _fresh_db() -> None:
+        try:
+            from django.db import close_old_connections
+
+            close_old_connections()
+        except Exception:  # a broken connection is replaced on next use
+            pass
+
+    @staticmethod
+    def _close_db() -> None:
+        try:
+            from django.db import connections
+
+            connections.close_all()
+        except Exception:  # closing a dead connection may fail too
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
 def install_worker_step(app: Any) -> None:
     """Register ``--engine`` on ``celery worker`` and the bootstep that honours it."""
     from celery import bootsteps
@@ -141,7 +233,9 @@ def install_worker_step(app: Any) -> None:
         def __init__(self, worker: Any, engine: bool = False, **options: Any) -> None:
             super().__init__(worker, **options)
             self.supervisor: EngineSupervisor | None = None
+            self.heartbeat: NodeHeartbeat | None = None
             if engine:
+                self.heartbeat = NodeHeartbeat()
                 from django.conf import settings
 
                 self.supervisor = EngineSupervisor(
@@ -155,6 +249,8 @@ def install_worker_step(app: Any) -> None:
                 )
 
         def start(self, worker: Any) -> None:
+            if self.heartbeat is not None:
+                self.heartbeat.start()  # registers the node before the engine starts
             if self.supervisor is not None:
                 self.supervisor.start()
                 os.environ["APPLIANCE_ENGINE_PID"] = str(self.supervisor.pid)
@@ -162,5 +258,7 @@ def install_worker_step(app: Any) -> None:
         def stop(self, worker: Any) -> None:
             if self.supervisor is not None:
                 self.supervisor.stop()
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
 
     app.steps["worker"].add(EngineStep)

@@ -44,20 +44,33 @@ def engine_sync(node: str) -> str:
 def engine_reconcile() -> dict[str, Any]:
     from appliance.exports.models import Export
     from appliance.sessions.services import export_sample_prune, refusal_prune
+    from appliance.storage.remote import is_local
 
     client = _redis()
-    nodes = set(Export.objects.values_list("node", flat=True)) | {settings.APPLIANCE_NODE_NAME}
+    nodes = set(Export.objects.values_list("node", flat=True))
+    if is_local(settings.APPLIANCE_NODE_NAME):
+        nodes.add(settings.APPLIANCE_NODE_NAME)
     report: dict[str, Any] = {}
     for node in sorted(nodes):
-        spec = _publish_desired(client, node)
         beat = mailbox.read_heartbeat(client, node)
-        if beat is None or time.time() - float(beat.get("at", 0)) > mailbox.HEARTBEAT_TTL_S:
+        down = beat is None or time.time() - float(beat.get("at", 0)) > mailbox.HEARTBEAT_TTL_S
+        if not is_local(node):
+            # A spec names the node's own file paths and TLS files: its worker computes it.
+            # A node whose engine is not beating gets nothing queued (its queue would only
+            # fill with expired syncs); the first reconcile after it comes back syncs it.
+            if not down:
+                request_sync(node)
+            report[node] = {"state": "down" if down else "ok",
+                            "digest": None if beat is None else beat.get("digest")}
+            continue
+        spec = _publish_desired(client, node)
+        if down:
             state = "down"
-        elif beat.get("digest") != spec.digest:
+        elif beat is not None and beat.get("digest") != spec.digest:
             state = "converging"
         else:
             state = "ok"
-        if state != "ok" and node == settings.APPLIANCE_NODE_NAME:
+        if state != "ok":
             log.warning("engine on node %s: %s", node, state)
         report[node] = {"state": state, "digest": spec.digest, "exports": len(spec.exports)}
     export_sample_prune(older_than_s=settings.APPLIANCE_HISTORY_RETENTION_S)

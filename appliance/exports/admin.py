@@ -16,7 +16,7 @@ class ExportAdmin(admin.ModelAdmin):
     list_display = ["name", "image", "enabled", "read_only", "tls_policy", "multi_conn", "node"]
     list_filter = ["enabled", "read_only", "tls_policy", "multi_conn", "node"]
     search_fields = ["name", "description", "image__name"]
-    readonly_fields = ["created_at", "updated_at"]
+    readonly_fields = ["node", "created_at", "updated_at"]  # node: the image's node
     autocomplete_fields = ["image"]
 
     def save_model(self, request: HttpRequest, obj: Export, form: Any, change: bool) -> None:
@@ -35,6 +35,6 @@ class ExportAdmin(admin.ModelAdmin):
             tls_policy=obj.tls_policy,
             allowed_clients=obj.allowed_clients,
             max_connections=obj.max_connections,
-            node=obj.node,
         )
         obj.pk, obj.created_at, obj.updated_at = created.pk, created.created_at, created.updated_at
+        obj.node = created.node

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from django.db.models import Count, Q, QuerySet
 
 from .models import Export, TlsPolicy
+
+if TYPE_CHECKING:
+    from appliance.nodes.models import Node
+
+# Nodes by name, as ``appliance.nodes.selectors.node_map()`` gives them: passed by callers
+# that render many exports, so that each does not look its node up again.
+NodeMap = Mapping[str, "Node"]
 
 
 def export_list() -> QuerySet[Export]:
@@ -28,6 +37,13 @@ def export_list_enabled(*, node: str) -> QuerySet[Export]:
 def export_list_on_node(*, node: str) -> QuerySet[Export]:
     """Every export placed on ``node``, enabled or not (the engine refuses disabled ones)."""
     return Export.objects.select_related("image").filter(node=node)
+
+
+def export_available(export: Export, *, nodes: NodeMap | None = None) -> bool:
+    """Whether the export's node is registered and up (its engine can serve it)."""
+    from appliance.nodes.selectors import nodes_available
+
+    return nodes_available([export.node], nodes=nodes)[export.node]
 
 
 def export_allows_client(export: Export, address: str) -> bool:
@@ -64,27 +80,41 @@ def export_requires_tls(export: Export) -> bool:
     )
 
 
-def export_uri(export: Export) -> str:
+def export_address(export: Export, *, nodes: NodeMap | None = None) -> tuple[str, int]:
+    """(host, port) clients dial for the export: its node's registered NBD address, else
+    (no such node registered yet) this host's NBD_PUBLIC_HOST and NBD_PORT."""
+    from django.conf import settings
+
+    if nodes is not None:
+        node = nodes.get(export.node)
+    else:
+        from appliance.nodes.models import Node
+
+        node = Node.objects.filter(name=export.node).only("nbd_host", "nbd_port").first()
+    if node is not None:
+        return node.nbd_host, node.nbd_port
+    return settings.NBD_PUBLIC_HOST, settings.NBD_PORT
+
+
+def export_uri(export: Export, *, nodes: NodeMap | None = None) -> str:
     """The URI clients connect to: nbds:// when TLS is required, else nbd://, naming the host
     and port its node's engine listens on."""
-    return _uri("nbds" if export_requires_tls(export) else "nbd", export)
+    return _uri("nbds" if export_requires_tls(export) else "nbd", export, nodes)
 
 
-def export_tls_uri(export: Export) -> str | None:
+def export_tls_uri(export: Export, *, nodes: NodeMap | None = None) -> str | None:
     """The nbds:// URI when the appliance advertises TLS for the export (policy optional or
     required, or a server that requires it), else None."""
     if export.tls_policy == TlsPolicy.OFF and not export_requires_tls(export):
         return None
-    return _uri("nbds", export)
+    return _uri("nbds", export, nodes)
 
 
-def _uri(scheme: str, export: Export) -> str:
+def _uri(scheme: str, export: Export, nodes: NodeMap | None) -> str:
     from urllib.parse import quote
 
-    from django.conf import settings
-
-    host = settings.NBD_PUBLIC_HOST
+    host, port = export_address(export, nodes=nodes)
     if ":" in host:
         host = f"[{host}]"
-    port = "" if settings.NBD_PORT == 10809 else f":{settings.NBD_PORT}"
-    return f"{scheme}://{host}{port}/{quote(export.name, safe='')}"
+    suffix = "" if port == 10809 else f":{port}"
+    return f"{scheme}://{host}{suffix}/{quote(export.name, safe='')}"

@@ -1,6 +1,8 @@
 """Export services: publish an image under an NBD name, change its policy, withdraw it.
 
 The engine side (issue 4) converges on these rows; a service here only changes the database.
+An export is served by the node that holds its image: ``Export.node`` is always
+``export.image.node`` (set here on publish, and again whenever the export changes image).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def export_publish(
     max_connections: int = 0,
     node: str | None = None,
 ) -> Export:
+    """Publish ``image`` as ``name``, served by the image's node. ``node``, if given, must
+    be that node (it is only checked: an export cannot be served elsewhere)."""
+    _check_node(image, node)
     export = Export(
         image=image,
         name=name,
@@ -65,9 +70,8 @@ def export_publish(
         tls_policy=tls_policy,
         allowed_clients=_client_names(allowed_clients),
         max_connections=max_connections,
+        node=image.node,
     )
-    if node is not None:
-        export.node = node
     _save(export, force_insert=True)
     sync_on_commit(export.node)
     log.info("published image %s as export %s on %s", image.name, name, export.node)
@@ -75,10 +79,15 @@ def export_publish(
 
 
 def export_update(*, export: Export, **changes: Any) -> Export:
-    """Change some of an export's fields (those ``export_publish`` takes)."""
+    """Change some of an export's fields (those ``export_publish`` takes). A new image
+    brings its node along; ``node`` alone may only be set to the image's node (what a move
+    of the image does once the image's node changed)."""
     unknown = set(changes) - _UPDATABLE
     if unknown:
         raise TypeError(f"export_update() got unexpected fields: {', '.join(sorted(unknown))}")
+    image = changes.get("image", export.image)
+    _check_node(image, changes.get("node"))
+    changes["node"] = image.node
     if "allowed_networks" in changes:
         changes["allowed_networks"] = _networks(changes["allowed_networks"])
     if "allowed_clients" in changes:
@@ -96,6 +105,14 @@ def export_delete(*, export: Export) -> None:
     export.delete()
     sync_on_commit(node)
     log.info("withdrew export %s", name)
+
+
+def _check_node(image: Image, node: str | None) -> None:
+    if node is not None and node != image.node:
+        raise ValidationError({"node": [
+            f"an export is served by the node that holds its image: image {image.name!r} is "
+            f"on node {image.node!r}, not {node!r} (move the image to serve it from there)"
+        ]})
 
 
 def _networks(value: object) -> list[str]:

@@ -12,6 +12,7 @@ from django.http import HttpRequest
 from appliance.errors import ApplianceError, human_size
 
 from .models import Image
+from .remote import is_local
 from .services import (
     image_check_create,
     image_check_grow,
@@ -49,9 +50,11 @@ class ImageAdminForm(forms.ModelForm):
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):
     form = ImageAdminForm
-    list_display = ["name", "virtual", "allocated", "export_names", "cloned_from", "created_at"]
+    list_display = ["name", "node", "virtual", "allocated", "export_names", "cloned_from",
+                    "created_at"]
+    list_filter = ["node"]
     search_fields = ["name", "description"]
-    readonly_fields = ["filename", "cloned_from", "virtual", "allocated", "created_at",
+    readonly_fields = ["node", "filename", "cloned_from", "virtual", "allocated", "created_at",
                        "updated_at"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Image]:
@@ -77,9 +80,16 @@ class ImageAdmin(admin.ModelAdmin):
             for field in Image._meta.concrete_fields:
                 setattr(obj, field.attname, getattr(created, field.attname))
             return
+        grow = "size" in form.changed_data
+        force = form.cleaned_data["force_shrink"]
+        if grow and not is_local(obj.node):
+            # On another host, grow first: the admin's transaction would otherwise hold the
+            # row image_update saved while the image's node waits to lock it.
+            image_grow(image=obj, size=obj.size, force=force)
+            grow = False
         image_update(image=obj, name=obj.name, description=obj.description)
-        if "size" in form.changed_data:
-            image_grow(image=obj, size=obj.size, force=form.cleaned_data["force_shrink"])
+        if grow:
+            image_grow(image=obj, size=obj.size, force=force)
 
     def delete_model(self, request: HttpRequest, obj: Image) -> None:
         image_delete(image=obj)

@@ -4,7 +4,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from django.conf import settings
 from django.db import models
+
+from appliance.exports.validators import validate_node_name
 
 from .validators import IMAGE_NAME_MAX, validate_image_name, validate_image_size
 
@@ -12,8 +15,13 @@ if TYPE_CHECKING:
     from .selectors import ImageUsage
 
 
+def default_node() -> str:
+    return settings.APPLIANCE_NODE_NAME
+
+
 class Image(models.Model):
-    """A sparse raw disk image: one file under ``STORAGE_ROOT`` named by the appliance."""
+    """A sparse raw disk image: one file under the ``STORAGE_ROOT`` of its ``node``, named
+    by the appliance."""
 
     name = models.CharField(max_length=IMAGE_NAME_MAX, validators=[validate_image_name])
     description = models.CharField(max_length=1024, blank=True, default="")
@@ -23,6 +31,13 @@ class Image(models.Model):
     filename = models.CharField(max_length=64, unique=True, editable=False)
     cloned_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="clones"
+    )
+    node = models.CharField(
+        max_length=253,
+        default=default_node,
+        db_index=True,
+        validators=[validate_node_name],
+        help_text="node whose storage root holds the file (its exports are served there)",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -39,8 +39,10 @@ from appliance.errors import (
     UploadIncomplete,
     human_size,
 )
+from appliance.nodes.services import node_choose
 
 from .models import Image
+from .remote import is_local, run_on_node
 from .validators import validate_image_size
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "image_clone",
     "image_create",
     "image_create_from_upload",
+    "image_create_here",
     "image_delete",
     "image_grow",
     "image_import",
@@ -201,14 +204,26 @@ def _lock(image: Image) -> Image:
 # ------------------------------------------------------------------ create, update, grow
 
 
-def image_check_create(*, name: str, size: int) -> None:
-    """The rules ``image_create`` enforces beyond field validation (quota, free space)."""
+def image_check_create(*, name: str, size: int, node: str | None = None) -> None:
+    """The rules ``image_create`` enforces beyond field validation: the quota, and free
+    space on ``node`` (read there; without a node, this host's when it has storage)."""
     _check_quota(size=size)
-    _check_free_space(needed=0, action=f"creating image {name!r}")
+    if node is None and getattr(settings, "APPLIANCE_ROLE", "all") == "central":
+        return  # no node chosen yet: placement checks the nodes' free space
+    node = node or settings.APPLIANCE_NODE_NAME
+    action = f"creating image {name!r}"
+    if is_local(node):
+        _check_free_space(needed=0, action=action)
+    else:
+        run_on_node(node, "check_free_space", node=node, needed=0, action=action)
 
 
 def image_check_grow(*, image: Image, size: int, force: bool) -> int:
-    """The rules ``image_grow`` enforces; returns the current size of the file."""
+    """The rules ``image_grow`` enforces; returns the current size of the file (read on
+    the image's node)."""
+    if not is_local(image.node):
+        return int(run_on_node(image.node, "check_grow", image=image.pk, size=size,
+                               force=force))
     current = _stat(image).st_size
     if size < current:
         if not force:
@@ -223,11 +238,33 @@ def image_check_grow(*, image: Image, size: int, force: bool) -> int:
     return current
 
 
-def image_create(*, name: str, size: int, description: str = "") -> Image:
-    """A new sparse image of ``size`` bytes: instant, whatever the size, no data written."""
+def image_create(*, name: str, size: int, description: str = "", node: str | None = None,
+                 labels: Iterable[str] = ()) -> Image:
+    """A new sparse image of ``size`` bytes: instant, whatever the size, no data written.
+    It is placed on ``node``, else on the node ``node_choose`` picks for ``labels``."""
     image = Image(name=name, size=size, description=description, filename=_new_filename())
+    _validate(image, exclude=("node",))
+    image.node = node_choose(size=size, labels=labels, node=node)
+    if not is_local(image.node):
+        # The node runs the rest (checks, row and file in one transaction) against the
+        # same database; the row it inserted is read back here.
+        created = run_on_node(image.node, "create", node=image.node, name=name, size=size,
+                              description=description)
+        return Image.objects.get(pk=created["id"])
+    return _create_here(image)
+
+
+def image_create_here(*, name: str, size: int, description: str, node: str) -> Image:
+    """``image_create`` on the node that will hold the file (``storage.run`` "create")."""
+    image = Image(name=name, size=size, description=description, filename=_new_filename(),
+                  node=node)
     _validate(image)
-    image_check_create(name=name, size=size)
+    return _create_here(image)
+
+
+def _create_here(image: Image) -> Image:
+    name, size = image.name, image.size
+    image_check_create(name=name, size=size, node=image.node)
     path = storage_root() / image.filename
     try:
         with transaction.atomic():
@@ -274,6 +311,11 @@ def image_grow(*, image: Image, size: int, force: bool = False) -> Image:
         validate_image_size(size)
     except ValidationError as exc:
         raise ValidationError({"size": exc.messages}) from exc
+    if not is_local(image.node):
+        run_on_node(image.node, "grow", image=image.pk, size=size, force=force)
+        grown = Image.objects.get(pk=image.pk)
+        image.size, image.updated_at = grown.size, grown.updated_at
+        return grown
     with transaction.atomic():
         locked = _lock(image)
         current = image_check_grow(image=locked, size=size, force=force)
@@ -294,7 +336,11 @@ def image_grow(*, image: Image, size: int, force: bool = False) -> Image:
 
 
 def image_delete(*, image: Image) -> None:
-    """Delete an image no export uses; its file goes once the deletion commits."""
+    """Delete an image no export uses; its file goes once the deletion commits (on the
+    image's node, which deletes the row too)."""
+    if not is_local(image.node):
+        run_on_node(image.node, "delete", image=image.pk)
+        return
     with transaction.atomic():
         locked = _lock(image)
         _refuse_if_exported(locked, action="delete")
@@ -321,7 +367,11 @@ def image_clone(*, source: Image, name: str, description: str = "") -> Image:
     """A new image with the contents of ``source``: a reflink (shared extents, instant)
     where the filesystem supports ``FICLONE``, else a copy of the data extents only, so
     holes stay holes. A source that is being written meanwhile gives a torn copy: clone
-    images whose writable exports are idle."""
+    images whose writable exports are idle. The clone is made on the source's node."""
+    if not is_local(source.node):
+        cloned = run_on_node(source.node, "clone", source=source.pk, name=name,
+                             description=description)
+        return Image.objects.get(pk=cloned["id"])
     st = _stat(source)
     clone = Image(
         name=name,
@@ -329,6 +379,7 @@ def image_clone(*, source: Image, name: str, description: str = "") -> Image:
         description=description,
         filename=_new_filename(),
         cloned_from=source,
+        node=source.node,  # a clone lives beside its source
     )
     _validate(clone, exclude=("size",))
     _check_quota(size=st.st_size)
@@ -457,16 +508,19 @@ def image_import(*, image: Image, stream: Readable, length: int) -> Image:
 
 
 def image_create_from_upload(
-    *, name: str, stream: Readable, length: int, description: str = ""
+    *, name: str, stream: Readable, length: int, description: str = "",
+    node: str | None = None, labels: Iterable[str] = (),
 ) -> Image:
-    """A new image holding the ``length``-byte raw image read from ``stream``."""
+    """A new image holding the ``length``-byte raw image read from ``stream``, placed as
+    ``image_create`` places one."""
     image = Image(name=name, size=length, description=description, filename=_new_filename())
     try:
-        _validate(image)
+        _validate(image, exclude=("node",))
     except ValidationError as exc:
         raise _as_upload_size_error(exc) from exc
     if Image.objects.filter(name=name).exists():
         raise _name_taken(name)  # before reading the body, not after
+    image.node = node_choose(size=length, labels=labels, node=node)
     _check_quota(size=length)
     _check_free_space(needed=0, action=f"importing image {name!r}")
     root = storage_root()

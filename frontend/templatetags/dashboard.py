@@ -33,3 +33,15 @@ def rate(value: Any) -> str:
 @register.filter
 def share(value: Any) -> str:
     return "—" if value is None else f"{100 * float(value):.0f}%"
+
+
+@register.filter
+def ago(seconds: Any) -> str:
+    """A heartbeat's age: ``3 s``, ``4 min``, ``2 h``, ``3 d`` (an em dash when unknown)."""
+    if seconds is None or seconds == "":
+        return "—"
+    n = float(seconds)
+    for unit, scale in (("d", 86400), ("h", 3600), ("min", 60)):
+        if n >= scale:
+            return f"{n // scale:.0f} {unit}"
+    return f"{n:.0f} s"

@@ -21,7 +21,7 @@ def test_schema_is_openapi_3_and_covers_the_api(api) -> None:
         "/api/v1/images/{id}/clone", "/api/v1/images/{id}/import", "/api/v1/images/import",
         "/api/v1/images/usage", "/api/v1/exports/", "/api/v1/exports/{id}/",
         "/api/v1/sessions/", "/api/v1/sessions/{id}/", "/api/v1/stats/features",
-        "/api/v1/auth/token",
+        "/api/v1/auth/token", "/api/v1/nodes/", "/api/v1/nodes/{name}/",
     ]:
         assert any(p.rstrip("/") == path.rstrip("/") for p in paths), path
     assert {"tokenAuth", "cookieAuth"} <= set(schema["components"]["securitySchemes"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from appliance_testing import place_on
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.django_db
 
 
 def test_publish_with_every_field(make_image) -> None:
-    image = make_image("disk")
+    image = place_on(make_image("disk"), "nbd-2.example.net")
     export = export_publish(
         image=image,
         name="vm1",
@@ -114,6 +115,23 @@ def test_bad_policy_fields_are_refused(make_image, field: str, value: str) -> No
     assert field in caught.value.message_dict
 
 
+def test_an_export_is_served_by_its_images_node(make_image) -> None:
+    here = make_image("here")
+    there = place_on(make_image("there"), "node2")
+    export = export_publish(image=there, name="vm1")
+    assert export.node == "node2"
+    with pytest.raises(ValidationError) as caught:
+        export_publish(image=there, name="vm2", node="node1")
+    assert "image 'there' is on node 'node2', not 'node1'" in caught.value.message_dict["node"][0]
+    export_update(export=export, image=here)  # a new image brings its node
+    assert Export.objects.get(pk=export.pk).node == "node1"
+    with pytest.raises(ValidationError):
+        export_update(export=export, node="node2")  # not where its image is
+    place_on(here, "node3")  # what a move does: the image's node changes, then the export's
+    export_update(export=export, node="node3")
+    assert Export.objects.get(pk=export.pk).node == "node3"
+
+
 def test_update_changes_fields_and_keeps_names_unique(make_image) -> None:
     a = export_publish(image=make_image("a"), name="a")
     export_publish(image=make_image("b"), name="b")
@@ -140,7 +158,7 @@ def test_selectors_for_the_engine(make_image) -> None:
     image = make_image()
     export_publish(image=image, name="here", node="node1")
     export_publish(image=image, name="off", node="node1", enabled=False)
-    export_publish(image=image, name="there", node="node2")
+    export_publish(image=place_on(make_image("elsewhere"), "node2"), name="there")
     assert [e.name for e in export_list_enabled(node="node1")] == ["here"]
     assert [e.active_sessions for e in export_list()] == [0, 0, 0]
 

@@ -83,8 +83,17 @@ class Stack:
         return int(self.proc.returncode)
 
 
-def start_stack(tmp: Path, *, env: dict[str, str] | None = None, timeout: float = 240) -> Stack:
-    """Run ``scripts/run.sh`` on free ports with its own var dir; wait for "ready"."""
+def start_stack(tmp: Path, *, env: dict[str, str] | None = None, timeout: float = 240,
+                args: tuple[str, ...] = ()) -> Stack:
+    """Run ``scripts/run.sh ARGS`` on free ports with its own var dir; wait for "ready".
+    DATABASE_URL and REDIS_URL are the run command's own unless ``env`` gives them."""
+    stack = launch_stack(tmp, env=env, args=args)
+    return wait_ready(stack, timeout=timeout)
+
+
+def launch_stack(tmp: Path, *, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> Stack:
+    """Start ``scripts/run.sh ARGS`` (in a process group of its own) without waiting."""
     environment = {
         **os.environ,
         "APPLIANCE_VAR_DIR": str(tmp),
@@ -93,14 +102,21 @@ def start_stack(tmp: Path, *, env: dict[str, str] | None = None, timeout: float 
         "APPLIANCE_NODE_NAME": "e2e-node",
         **(env or {}),
     }
-    environment.pop("DATABASE_URL", None)
-    if not env or "REDIS_URL" not in env:
-        environment.pop("REDIS_URL", None)
-    proc = subprocess.Popen(
-        ["bash", "scripts/run.sh"], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-    )
-    stack = Stack(proc=proc, var_dir=tmp)
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        if not env or name not in env:
+            environment.pop(name, None)
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(tmp / "run-command.log", "wb") as stderr:  # what run.sh says on stderr
+        proc = subprocess.Popen(
+            ["bash", "scripts/run.sh", *args], cwd=ROOT, env=environment,
+            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+        )
+    return Stack(proc=proc, var_dir=tmp)
+
+
+def wait_ready(stack: Stack, *, timeout: float = 240) -> Stack:
+    """Read the run command's lines until "ready"; stop it and raise if it never comes."""
+    proc = stack.proc
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     while time.monotonic() < deadline:
@@ -114,5 +130,8 @@ def start_stack(tmp: Path, *, env: dict[str, str] | None = None, timeout: float 
         if line.startswith("ready"):
             return stack
     stack.stop()
+    said = stack.var_dir / "run-command.log"
     raise RuntimeError("the run command did not become ready:\n" + "\n".join(stack.output)
+                       + "\n--- its stderr ---\n"
+                       + (said.read_text(errors="replace")[-3000:] if said.exists() else "")
                        + "\n--- worker log ---\n" + stack.log("worker")[-3000:])

@@ -14,7 +14,8 @@ from appliance.storage.models import Image
 pytestmark = pytest.mark.django_db
 MiB = 1 << 20
 
-PAGES = ["/", "/images/", "/exports/", "/features/", "/overview/panel", "/security/"]
+PAGES = ["/", "/images/", "/exports/", "/features/", "/overview/panel", "/security/",
+         "/nodes/", "/nodes/panel"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """``manage.py appliance_bootstrap``: the admin account, its API token, the appliance's CA
-and server certificate, a demo export.
+and server certificate, this host's node (unless it is a central host, with no storage), a
+demo export.
 
 Idempotent: run by ``make run`` on every start. Prints one JSON object (credentials are
 printed only when this command generated the password).
@@ -20,6 +21,7 @@ from rest_framework.authtoken.models import Token
 from appliance.exports.models import Export
 from appliance.exports.selectors import export_uri
 from appliance.exports.services import export_publish
+from appliance.nodes.services import node_register
 from appliance.pki.models import CertificateAuthority
 from appliance.pki.services import pki_ensure
 from appliance.storage.models import Image
@@ -29,7 +31,8 @@ DEMO_SIZE = 1 << 30
 
 
 class Command(BaseCommand):
-    help = "Create the admin account, its API token, the CA and a demo export (idempotent)."
+    help = ("Create the admin account, its API token, the CA, register this node and create "
+            "a demo export (idempotent).")
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--no-demo", action="store_true", help="skip the demo export")
@@ -54,13 +57,16 @@ class Command(BaseCommand):
             result["password"] = password
         pki_ensure()
         result["tls_ca_fingerprint"] = CertificateAuthority.objects.get().fingerprint
+        has_storage = settings.APPLIANCE_ROLE != "central"
+        if has_storage:
+            result["node"] = node_register().name
         if not options["no_demo"]:
             export = Export.objects.filter(name="demo").first()
             if export is None:
                 image = Image.objects.filter(name="demo").first() or image_create(
-                    name="demo", size=DEMO_SIZE, description="created by make run")
+                    name="demo", size=DEMO_SIZE, description="created by make run",
+                    node=settings.APPLIANCE_NODE_NAME if has_storage else None)
                 export = export_publish(image=image, name="demo",
-                                        description="demo disk created by make run",
-                                        node=settings.APPLIANCE_NODE_NAME)
+                                        description="demo disk created by make run")
             result["demo_uri"] = export_uri(export)
         self.stdout.write(json.dumps(result))

@@ -1,0 +1,1 @@
+"""The hosts of a cluster: each storage node's engine worker registers itself and beats."""

@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class NodesConfig(AppConfig):
+    name = "appliance.nodes"
+    label = "nodes"
+    verbose_name = "Nodes"
