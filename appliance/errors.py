@@ -126,6 +126,13 @@ class PskUnsupported(ApplianceError):
     status = 400
 
 
+class ImageMoveRefused(ApplianceError):
+    """A move that cannot start, or a copy that did not verify."""
+
+    code = "image_move_refused"
+    status = 409
+
+
 class NodeUnavailable(ApplianceError):
     """The node that holds the image is down or did not answer in time (503). Placement
     on a named node that is unknown or down answers 400 with the same code (``status``)."""

@@ -175,3 +175,69 @@ def make_node(db: None) -> Callable[..., Any]:
         return node
 
     return factory
+
+
+# ---------------------------------------------------------------- several nodes in one process
+
+CLUSTER_NODES = ("node-a", "node-b")
+
+
+def add_node(name: str, *, age_s: float = 0.0, host: str = "127.0.0.9",
+             port: int = 10809) -> Any:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from appliance.nodes.models import Node
+
+    now = timezone.now()
+    return Node.objects.update_or_create(name=name, defaults={
+        "nbd_host": host, "nbd_port": port, "storage_root": f"/srv/{name}",
+        "capacity_bytes": 1 << 40, "free_bytes": 1 << 39, "started_at": now,
+        "last_heartbeat": now - timedelta(seconds=age_s)})[0]
+
+
+class Cluster:
+    """This process plays a central host; each storage operation sent to a node runs
+    in-process as that node (its name, role and storage root), its arguments and answer
+    passed through JSON as Celery would."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.roots = {name: tmp / name for name in CLUSTER_NODES}
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def files(self, node: str) -> set[str]:
+        root = self.roots[node]
+        return {p.name for p in root.iterdir()} if root.exists() else set()
+
+    def as_node(self, node: str) -> Any:
+        from django.test import override_settings
+
+        return override_settings(APPLIANCE_NODE_NAME=node, APPLIANCE_ROLE="node",
+                                 STORAGE_ROOT=self.roots[node])
+
+    def dispatch(self, node: str, operation: str, arguments: dict[str, Any],
+                 timeout: float) -> Any:
+        from appliance.storage import remote
+
+        arguments = json.loads(json.dumps(arguments))
+        self.calls.append((node, operation, arguments))
+        with self.as_node(node):
+            reply = remote.execute(operation, arguments)
+        return json.loads(json.dumps(reply))
+
+
+@pytest.fixture
+def cluster(settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            db: None) -> Cluster:
+    from appliance.storage import remote
+
+    settings.APPLIANCE_NODE_NAME = "central"
+    settings.APPLIANCE_ROLE = "central"
+    settings.STORAGE_ROOT = tmp_path / "central"
+    monkeypatch.setattr("appliance.engine.tasks.request_sync", lambda node: None)
+    running = Cluster(tmp_path)
+    monkeypatch.setattr(remote, "_dispatch", running.dispatch)
+    for name in CLUSTER_NODES:
+        add_node(name)
+    return running

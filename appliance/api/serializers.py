@@ -97,10 +97,13 @@ class ImageSerializer(serializers.ModelSerializer):
             "allocated_size",
             "cloned_from",
             "exports",
+            "moving_to",
+            "move_error",
             "created_at",
             "updated_at",
         ]
-        read_only_fields = ["cloned_from", "created_at", "updated_at"]
+        read_only_fields = ["cloned_from", "moving_to", "move_error", "created_at",
+                            "updated_at"]
         extra_kwargs = {
             # Uniqueness is checked in validate_name (a kinder message than DRF's default)
             # and enforced by the database constraint.
@@ -159,6 +162,10 @@ class ImageGrowSerializer(serializers.Serializer):
     force = serializers.BooleanField(
         default=False, help_text="confirm a shrink (refused anyway while exported)"
     )
+
+
+class ImageMoveSerializer(serializers.Serializer):
+    node = serializers.CharField(max_length=253, help_text="the node to move the image to")
 
 
 class ImageCloneSerializer(serializers.Serializer):

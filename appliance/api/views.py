@@ -58,6 +58,7 @@ from .serializers import (
     FeatureStatsSerializer,
     ImageCloneSerializer,
     ImageGrowSerializer,
+    ImageMoveSerializer,
     ImageSerializer,
     ImageUploadQuerySerializer,
     NodeSerializer,
@@ -131,6 +132,21 @@ class ImageViewSet(viewsets.ModelViewSet):
         params.is_valid(raise_exception=True)
         image = image_grow(image=self.get_object(), **params.validated_data)
         return Response(ImageSerializer(image, context=self.get_serializer_context()).data)
+
+    @extend_schema(request=ImageMoveSerializer, responses={202: ImageSerializer})
+    @action(detail=True, methods=["post"])
+    def move(self, request: Request, pk: str | None = None) -> Response:
+        """Move the image's file to another node: its exports are read-only meanwhile; the
+        copy (allocated extents only, over NBD) runs in the background and is verified
+        before the exports switch over. Poll the image: ``moving_to`` empties when done,
+        ``move_error`` says why a move failed."""
+        from appliance.storage.move import image_move_start
+
+        params = ImageMoveSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        image = image_move_start(image=self.get_object(), **params.validated_data)
+        data = ImageSerializer(image, context=self.get_serializer_context()).data
+        return Response(data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=ImageCloneSerializer, responses={201: ImageSerializer})
     @action(detail=True, methods=["post"])

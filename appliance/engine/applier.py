@@ -222,4 +222,5 @@ class SpecApplier:
             tls=spec.tls,
             allowed_clients=list(spec.allowed_clients),
             max_connections=spec.max_connections,
+            hidden=spec.hidden,
         )

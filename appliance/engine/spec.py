@@ -28,6 +28,9 @@ class ExportSpec:
     tls: str = "off"  # the export's TLS policy: off, optional or required
     allowed_clients: tuple[str, ...] = ()  # TLS identities that may connect; empty = any
     max_connections: int = 0  # clients at once; 0 = no limit
+    # Served but never listed: the hidden export an image is copied through when it moves
+    # to another node (its name carries the secret token).
+    hidden: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExportSpec:
@@ -43,6 +46,7 @@ class ExportSpec:
             tls=str(data.get("tls", "off")),
             allowed_clients=tuple(str(n) for n in data.get("allowed_clients", ())),
             max_connections=int(data.get("max_connections", 0)),
+            hidden=bool(data.get("hidden", False)),
         )
 
 
@@ -122,7 +126,8 @@ def desired_spec(node: str) -> EngineSpec:
             name=export.name,
             path=str(image_path(export.image)),
             size=export.image.size,
-            read_only=export.read_only,
+            # while the image moves its data is being copied: no writes may slip past
+            read_only=export.read_only or bool(export.image.moving_to),
             description=export.description,
             multi_conn=export.multi_conn,
             allowed_networks=tuple(export.allowed_networks or ()),
@@ -133,7 +138,21 @@ def desired_spec(node: str) -> EngineSpec:
         )
         for export in export_list_on_node(node=node)
     )
-    return EngineSpec(node=node, exports=exports, tls=_tls_spec())
+    return EngineSpec(node=node, exports=exports + _move_exports(node), tls=_tls_spec())
+
+
+def _move_exports(node: str) -> tuple[ExportSpec, ...]:
+    """A hidden read-only export for each image leaving ``node``: the target copies it."""
+    from appliance.storage.models import Image
+    from appliance.storage.move import move_export_name
+    from appliance.storage.services import image_path
+
+    return tuple(
+        ExportSpec(name=move_export_name(image), path=str(image_path(image)), size=image.size,
+                   read_only=True, description=f"move of {image.name} to {image.moving_to}",
+                   hidden=True)
+        for image in Image.objects.filter(node=node).exclude(moving_to="")
+    )
 
 
 def _tls_spec() -> TlsSpec:

@@ -39,6 +39,12 @@ class Image(models.Model):
         validators=[validate_node_name],
         help_text="node whose storage root holds the file (its exports are served there)",
     )
+    # A move to another node in progress (see appliance/storage/move.py): the target, the
+    # secret naming the source engine's hidden export for the copy, and why the last move
+    # failed, if it did.
+    moving_to = models.CharField(max_length=253, blank=True, default="")
+    move_token = models.CharField(max_length=64, blank=True, default="", editable=False)
+    move_error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

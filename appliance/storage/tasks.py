@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import shared_task
 
+from . import move  # noqa: F401  (registers storage.move and the move_in operation)
 from .remote import execute
 
 

@@ -8,16 +8,12 @@ queue, the timeout) is checked separately with the task's sending mocked."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-from appliance_testing import MiB
+from appliance_testing import Cluster, MiB, add_node
 from django.core.exceptions import ValidationError
 from django.http import Http404
-from django.test import override_settings
-from django.utils import timezone
 
 from appliance.errors import (
     ApplianceError,
@@ -29,7 +25,6 @@ from appliance.errors import (
     ShrinkNotForced,
 )
 from appliance.exports.services import export_publish
-from appliance.nodes.models import Node
 from appliance.storage import remote
 from appliance.storage.models import Image
 from appliance.storage.services import (
@@ -41,50 +36,6 @@ from appliance.storage.services import (
     image_grow,
 )
 from appliance.storage.tasks import storage_run
-
-NODES = ("node-a", "node-b")
-
-
-def _node(name: str, *, age_s: float = 0.0) -> Node:
-    now = timezone.now()
-    return Node.objects.create(
-        name=name, nbd_host="127.0.0.9", nbd_port=10809, storage_root=f"/srv/{name}",
-        capacity_bytes=1 << 40, free_bytes=1 << 39, started_at=now,
-        last_heartbeat=now - timedelta(seconds=age_s))
-
-
-class Cluster:
-    def __init__(self, tmp: Path) -> None:
-        self.roots = {name: tmp / name for name in NODES}
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-
-    def files(self, node: str) -> set[str]:
-        root = self.roots[node]
-        return {p.name for p in root.iterdir()} if root.exists() else set()
-
-    def dispatch(self, node: str, operation: str, arguments: dict[str, Any],
-                 timeout: float) -> Any:
-        arguments = json.loads(json.dumps(arguments))
-        self.calls.append((node, operation, arguments))
-        with override_settings(APPLIANCE_NODE_NAME=node, APPLIANCE_ROLE="node",
-                               STORAGE_ROOT=self.roots[node]):
-            reply = remote.execute(operation, arguments)
-        return json.loads(json.dumps(reply))
-
-
-@pytest.fixture
-def cluster(settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-            db: None) -> Cluster:
-    settings.APPLIANCE_NODE_NAME = "central"
-    settings.APPLIANCE_ROLE = "central"
-    settings.STORAGE_ROOT = tmp_path / "central"
-    monkeypatch.setattr("appliance.engine.tasks.request_sync", lambda node: None)
-    running = Cluster(tmp_path)
-    monkeypatch.setattr(remote, "_dispatch", running.dispatch)
-    for name in NODES:
-        _node(name)
-    return running
-
 
 # ---------------------------------------------------------------- which host does the work
 
@@ -303,7 +254,7 @@ def test_a_node_that_does_not_answer_is_unavailable(monkeypatch, settings) -> No
 @pytest.mark.django_db
 def test_a_node_known_down_is_refused_without_sending(monkeypatch, settings) -> None:
     settings.APPLIANCE_NODE_DOWN_AFTER = 15
-    _node("node-b", age_s=60)
+    add_node("node-b", age_s=60)
 
     def apply_async(**kwargs: Any) -> None:
         raise AssertionError("sent to a node known to be down")

@@ -177,6 +177,53 @@ def test_grow_clone_and_delete_on_node_b_from_the_central_api(cluster: Cluster) 
     assert {n: o.files() for n, o in cluster.nodes.items() if n != "node-b"} == others
 
 
+def test_moving_an_image_from_node_a_to_node_b_while_a_client_reads_it(cluster: Cluster,
+                                                                       tmp_path: Path) -> None:
+    node_a, node_b = cluster.nodes["node-a"], cluster.nodes["node-b"]
+    image = create_image(cluster, "traveller", "node-a")
+    export = publish(cluster, "travel-vol", image)
+    uri_a = export["uri"]
+    assert uri_a == node_a.uri("travel-vol")
+    assert wait_until(lambda: served(uri_a), timeout=20)
+    written = qemu_io(uri_a, "write -P 0x5a 8M 3M", "write -P 0xa5 40M 1M")
+    assert written.returncode == 0, written.stdout + written.stderr
+    before = qemu_io(uri_a, "read -P 0x5a 8M 3M", "read -P 0xa5 40M 1M")  # read before
+    assert before.returncode == 0
+    assert "Pattern verification failed" not in before.stdout
+    files_a = node_a.files()
+
+    status, body = api(cluster, "POST", f"/images/{image['id']}/move", {"node": "node-b"})
+    assert status == 202, body
+    assert body["moving_to"] == "node-b"
+
+    def moved() -> dict:
+        return api(cluster, "GET", f"/images/{image['id']}/")[1]
+
+    assert wait_until(lambda: moved()["node"] == "node-b" and not moved()["moving_to"],
+                      timeout=60), moved()
+    assert moved()["move_error"] == ""
+    status, after_export = api(cluster, "GET", f"/exports/{export['id']}/")
+    assert status == 200
+    assert after_export["node"] == "node-b"
+    uri_b = after_export["uri"]
+    assert uri_b == node_b.uri("travel-vol")
+    assert wait_until(lambda: served(uri_b), timeout=20)
+    after = qemu_io(uri_b, "read -P 0x5a 8M 3M", "read -P 0xa5 40M 1M", "read -P 0 0 8M")
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "Pattern verification failed" not in after.stdout
+    assert not served(uri_a)  # node-a no longer serves it
+    # the old copy is gone from node-a; node-b's copy holds only the data (sparse)
+    assert wait_until(lambda: len(node_a.files()) == len(files_a) - 1, timeout=20)
+    new_files = [node_b.storage_root / f for f in node_b.files()]
+    newest = max(new_files, key=lambda p: p.stat().st_mtime)
+    assert newest.stat().st_blocks * 512 < 8 * MiB
+    copy = tmp_path / "moved.raw"
+    subprocess.run(["nbdcopy", uri_b, str(copy)], check=True, capture_output=True, timeout=60)
+    data = copy.read_bytes()
+    assert data[8 * MiB:11 * MiB] == b"\x5a" * (3 * MiB)
+    assert data[40 * MiB:41 * MiB] == b"\xa5" * MiB
+
+
 def test_stopping_node_b_marks_it_down_while_node_a_serves(cluster: Cluster) -> None:
     exports = {e["name"]: e for e in api(cluster, "GET", "/exports/?page_size=100")[1]["results"]}
     vol_a, vol_b = exports["vol-node-a"], exports["vol-node-b"]
