@@ -126,6 +126,11 @@ class PskUnsupported(ApplianceError):
     status = 400
 
 
+class ImportIntoRemoteImage(ApplianceError):
+    code = "import_into_remote_image"
+    status = 409
+
+
 class ImageMoveRefused(ApplianceError):
     """A move that cannot start, or a copy that did not verify."""
 

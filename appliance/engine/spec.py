@@ -142,17 +142,27 @@ def desired_spec(node: str) -> EngineSpec:
 
 
 def _move_exports(node: str) -> tuple[ExportSpec, ...]:
-    """A hidden read-only export for each image leaving ``node``: the target copies it."""
+    """Hidden exports for transfers between hosts: read-only for each image leaving
+    ``node`` (the target copies it), writable for each upload being written into one."""
+    from django.db.models import Q
+
     from appliance.storage.models import Image
-    from appliance.storage.move import move_export_name
+    from appliance.storage.move import import_export_name, move_export_name
     from appliance.storage.services import image_path
 
-    return tuple(
-        ExportSpec(name=move_export_name(image), path=str(image_path(image)), size=image.size,
-                   read_only=True, description=f"move of {image.name} to {image.moving_to}",
-                   hidden=True)
-        for image in Image.objects.filter(node=node).exclude(moving_to="")
-    )
+    specs = []
+    transfers = Image.objects.filter(node=node).filter(~Q(moving_to="") | ~Q(import_token=""))
+    for image in transfers:
+        if image.moving_to:
+            specs.append(ExportSpec(
+                name=move_export_name(image), path=str(image_path(image)), size=image.size,
+                read_only=True, description=f"move of {image.name} to {image.moving_to}",
+                hidden=True))
+        if image.import_token:
+            specs.append(ExportSpec(
+                name=import_export_name(image), path=str(image_path(image)), size=image.size,
+                description=f"upload into {image.name}", multi_conn=False, hidden=True))
+    return tuple(specs)
 
 
 def _tls_spec() -> TlsSpec:

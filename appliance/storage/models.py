@@ -45,6 +45,9 @@ class Image(models.Model):
     moving_to = models.CharField(max_length=253, blank=True, default="")
     move_token = models.CharField(max_length=64, blank=True, default="", editable=False)
     move_error = models.TextField(blank=True, default="")
+    # An upload being written into this image on its node, through a hidden writable export
+    # of that node's engine (see appliance/storage/move.py): the secret in its name.
+    import_token = models.CharField(max_length=64, blank=True, default="", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

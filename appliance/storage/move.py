@@ -173,8 +173,8 @@ def _op_move_in(*, image: int, host: str, port: int, export: str, size: int) -> 
 
 
 def _connect(host: str, port: int, export: str) -> Any:
-    """The source engine, over TLS when the appliance requires it; the move export may
-    take a moment to appear after the image was marked."""
+    """A node's engine, over TLS when the appliance requires it; a hidden transfer export
+    may take a moment to appear after the image was marked."""
     from nbdcore.client import NbdClient, NbdClientError
 
     context = _tls_context() if settings.NBD_TLS_MODE == "required" else None
@@ -185,7 +185,8 @@ def _connect(host: str, port: int, export: str) -> Any:
         except (NbdClientError, OSError) as exc:
             if time.monotonic() > deadline:
                 raise ImageMoveRefused(
-                    f"cannot copy from the source engine at {host}:{port}: {exc}") from exc
+                    f"cannot reach the engine at {host}:{port} ({export[:8]}...): {exc}"
+                ) from exc
             time.sleep(0.25)
 
 
@@ -199,3 +200,46 @@ def _tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     return context
 
+
+
+# ------------------------------------------------------------------ uploads to another node
+
+IMPORT_EXPORT_PREFIX = ".import-"
+
+
+def import_export_name(image: Image) -> str:
+    return f"{IMPORT_EXPORT_PREFIX}{image.import_token}"
+
+
+def image_import_over_nbd(*, image: Image, stream: Any, length: int) -> Image:
+    """An upload for an image placed on another node: the node creates the (sparse, empty)
+    image, its engine publishes a hidden writable export of it for this upload only, and
+    this host writes the upload's non-zero blocks there over NBD. A failed upload deletes
+    the image again."""
+    from appliance.nodes.models import Node
+
+    from .services import image_create, image_delete, write_sparse_with
+
+    created = image_create(name=image.name, size=length, description=image.description,
+                           node=image.node)
+    Image.objects.filter(pk=created.pk).update(import_token=secrets.token_hex(16))
+    created.refresh_from_db()
+    sync_on_commit(created.node)
+    node = Node.objects.get(name=created.node)
+    try:
+        with _connect(node.nbd_host, node.nbd_port, import_export_name(created)) as client:
+            data = write_sparse_with(lambda view, offset: client.pwrite(view, offset), stream,
+                                     length)
+            client.flush()
+    except BaseException:
+        Image.objects.filter(pk=created.pk).update(import_token="")
+        created.refresh_from_db()
+        sync_on_commit(created.node)
+        image_delete(image=created)
+        raise
+    Image.objects.filter(pk=created.pk).update(import_token="")
+    created.refresh_from_db()
+    sync_on_commit(created.node)
+    log.info("imported image %s on %s over NBD: %d bytes, %d of data", created.name,
+             created.node, length, data)
+    return created

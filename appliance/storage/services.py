@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ from appliance.errors import (
     ImageInUse,
     ImageNameTaken,
     ImageTooLarge,
+    ImportIntoRemoteImage,
     InsufficientSpace,
     QuotaExceeded,
     ShrinkNotForced,
@@ -474,7 +475,8 @@ def _copy_skipping_zeroes(src_fd: int, dst_fd: int, offset: int, length: int) ->
         chunk = os.pread(src_fd, min(COPY_CHUNK, end - pos), pos)
         if not chunk:
             break
-        written += _write_data_runs(dst_fd, chunk, pos)
+        written += _write_data_runs(
+            lambda data, at: _pwrite_all(dst_fd, data, at), chunk, pos)
         pos += len(chunk)
     return written
 
@@ -487,6 +489,13 @@ def image_import(*, image: Image, stream: Readable, length: int) -> Image:
     image). All-zero blocks become holes; at most ``READ_CHUNK`` bytes are held at once.
     Refused while an export uses the image; the new size is ``length``."""
     _check_upload_length(length)
+    if not is_local(image.node):
+        # The local path swaps a finished file in atomically; over NBD the old contents
+        # would be half overwritten if the upload broke off.
+        raise ImportIntoRemoteImage(
+            f"image {image.name!r} is on node {image.node!r}: replacing its contents from "
+            f"this host is not supported; upload a new image there with "
+            f"POST /api/v1/images/import?name=...&node={image.node}")
     _refuse_if_exported(image, action="import into")
     _check_quota(size=length, exclude=image)
     _check_free_space(needed=0, action=f"importing into image {image.name!r}")
@@ -521,6 +530,10 @@ def image_create_from_upload(
     if Image.objects.filter(name=name).exists():
         raise _name_taken(name)  # before reading the body, not after
     image.node = node_choose(size=length, labels=labels, node=node)
+    if not is_local(image.node):
+        from .move import image_import_over_nbd
+
+        return image_import_over_nbd(image=image, stream=stream, length=length)
     _check_quota(size=length)
     _check_free_space(needed=0, action=f"importing image {name!r}")
     root = storage_root()
@@ -574,6 +587,14 @@ def write_sparse(fd: int, stream: Readable, length: int) -> int:
     """Write ``length`` bytes from ``stream`` at offset 0 of ``fd``, leaving every all-zero
     ``ZERO_BLOCK`` unwritten (a hole); returns the data bytes written. Reads at most
     ``READ_CHUNK`` bytes at a time; a stream that ends early raises ``UploadIncomplete``."""
+    return write_sparse_with(lambda data, offset: _pwrite_all(fd, data, offset), stream,
+                             length, check_space=True)
+
+
+def write_sparse_with(write: Callable[[memoryview, int], object], stream: Readable,
+                      length: int, *, check_space: bool = False) -> int:
+    """``write_sparse`` through ``write(data, offset)``: a file here, or an NBD export on
+    another node (then its free space is the node's business)."""
     pos = written = checked_at = 0
     while pos < length:
         want = min(READ_CHUNK, length - pos)
@@ -584,9 +605,9 @@ def write_sparse(fd: int, stream: Readable, length: int) -> int:
                 f"Content-Length announced"
             )
         if chunk != (_ZEROS if want == READ_CHUNK else bytes(want)):
-            written += _write_data_runs(fd, chunk, pos)
+            written += _write_data_runs(write, chunk, pos)
         pos += want
-        if written - checked_at >= SPACE_CHECK_EVERY:
+        if check_space and written - checked_at >= SPACE_CHECK_EVERY:
             checked_at = written
             _check_free_space(needed=0, action="the import")
     return written
@@ -604,8 +625,9 @@ def _read_exactly(stream: Readable, n: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _write_data_runs(fd: int, chunk: bytes, offset: int) -> int:
-    """pwrite the non-zero ``ZERO_BLOCK``s of ``chunk`` (merged into runs) at ``offset``."""
+def _write_data_runs(write: Callable[[memoryview, int], object], chunk: bytes,
+                     offset: int) -> int:
+    """Write the non-zero ``ZERO_BLOCK``s of ``chunk`` (merged into runs) at ``offset``."""
     view = memoryview(chunk)
     zero_block = _ZEROS[:ZERO_BLOCK]
     written = 0
@@ -616,10 +638,12 @@ def _write_data_runs(fd: int, chunk: bytes, offset: int) -> int:
         if not is_zero and run_start is None:
             run_start = start
         elif is_zero and run_start is not None:
-            written += _pwrite_all(fd, view[run_start:start], offset + run_start)
+            write(view[run_start:start], offset + run_start)
+            written += start - run_start
             run_start = None
     if run_start is not None:
-        written += _pwrite_all(fd, view[run_start:], offset + run_start)
+        write(view[run_start:], offset + run_start)
+        written += len(chunk) - run_start
     return written
 
 

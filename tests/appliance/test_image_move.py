@@ -5,6 +5,7 @@ Cluster)."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -14,12 +15,17 @@ from conftest import file_extents
 
 from appliance.engine.applier import SpecApplier
 from appliance.engine.spec import desired_spec
-from appliance.errors import ImageMoveRefused, NodeUnavailable
+from appliance.errors import (
+    ImageMoveRefused,
+    ImportIntoRemoteImage,
+    NodeUnavailable,
+    UploadIncomplete,
+)
 from appliance.exports.models import Export
 from appliance.exports.services import export_publish
 from appliance.storage import move
 from appliance.storage.models import Image
-from appliance.storage.services import image_create
+from appliance.storage.services import image_create, image_create_from_upload, image_import
 from nbdcore.exports import ExportRegistry
 from nbdcore.protocol.exports import Client
 from nbdcore.server import NbdServer
@@ -108,7 +114,7 @@ def test_a_failed_copy_leaves_the_image_where_it_was(
     monkeypatch.setattr(move, "CONNECT_PATIENCE_S", 0.3)
     add_node("node-a", host="127.0.0.1", port=1)  # no engine answers there
     move.image_move_start(image=image, node="node-b")
-    with pytest.raises(ImageMoveRefused, match="cannot copy from the source engine"):
+    with pytest.raises(ImageMoveRefused, match=r"cannot reach the engine at 127\.0\.0\.1:1 "):
         move.image_move_run(image.pk)
     after = Image.objects.get(pk=image.pk)
     assert after.node == "node-a"
@@ -142,3 +148,47 @@ def test_move_through_the_api_answers_202_and_shows_the_move(
     again = api.post(f"/api/v1/images/{image.pk}/move", {"node": "node-b"}, format="json")
     assert again.status_code == 409
     assert again.json()["code"] == "image_move_refused"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_for_another_node_is_written_there_over_nbd(
+        cluster: Cluster, source_engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, registry, refresh = source_engine
+    # node-a's engine applies its spec whenever the appliance asks it to converge
+    monkeypatch.setattr("appliance.engine.tasks.request_sync",
+                        lambda node: refresh() if node == "node-a" else None)
+    payload = bytearray(8 * MiB)
+    payload[MiB:MiB + 4096] = b"x" * 4096
+    payload[5 * MiB:6 * MiB] = os.urandom(MiB)
+    image = image_create_from_upload(name="uploaded", stream=io.BytesIO(bytes(payload)),
+                                     length=len(payload), node="node-a")
+    assert image.node == "node-a"
+    assert image.import_token == ""
+    path = cluster.roots["node-a"] / image.filename
+    assert path.read_bytes() == payload
+    # zero blocks were never sent: they are holes on the node
+    assert [(o, n) for o, n, data in file_extents(path) if data] == [(MiB, 4096),
+                                                                    (5 * MiB, MiB)]
+    assert not [n for n in registry.names() if n.startswith(".import-")]
+    assert not cluster.roots["node-a"].parent.joinpath("central").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_upload_to_another_node_leaves_nothing(
+        cluster: Cluster, source_engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, refresh = source_engine
+    monkeypatch.setattr("appliance.engine.tasks.request_sync",
+                        lambda node: refresh() if node == "node-a" else None)
+    short = io.BytesIO(b"\x01" * MiB)  # announces 4 MiB, sends 1
+    with pytest.raises(UploadIncomplete):
+        image_create_from_upload(name="cut", stream=short, length=4 * MiB, node="node-a")
+    assert not Image.objects.filter(name="cut").exists()
+    assert cluster.files("node-a") == set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replacing_a_remote_images_contents_is_refused_with_the_way_out(
+        cluster: Cluster, image: Image) -> None:
+    with pytest.raises(ImportIntoRemoteImage, match="node=node-a"):
+        image_import(image=image, stream=io.BytesIO(bytes(MiB)), length=MiB)
+    assert (cluster.roots["node-a"] / image.filename).stat().st_size == SIZE

@@ -5,8 +5,10 @@ API and real NBD clients dialling each node's own address."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,29 @@ def test_moving_an_image_from_node_a_to_node_b_while_a_client_reads_it(cluster: 
     data = copy.read_bytes()
     assert data[8 * MiB:11 * MiB] == b"\x5a" * (3 * MiB)
     assert data[40 * MiB:41 * MiB] == b"\xa5" * MiB
+
+
+def test_an_upload_through_the_central_api_lands_on_node_b(cluster: Cluster,
+                                                          tmp_path: Path) -> None:
+    node_b = cluster.nodes["node-b"]
+    payload = bytearray(16 * MiB)
+    payload[2 * MiB:3 * MiB] = bytes(range(256)) * 4096
+    request = urllib.request.Request(
+        f"{cluster.central.api}/images/import?name=uploaded-b&node=node-b",
+        data=bytes(payload), method="POST",
+        headers={"Authorization": f"Token {cluster.central.token}",
+                 "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 201
+        image = json.loads(response.read())
+    assert image["node"] == "node-b"
+    export = publish(cluster, "uploaded-vol", image)
+    assert export["uri"] == node_b.uri("uploaded-vol")
+    assert wait_until(lambda: served(export["uri"]), timeout=20)
+    copy = tmp_path / "uploaded.raw"
+    subprocess.run(["nbdcopy", export["uri"], str(copy)], check=True, capture_output=True,
+                   timeout=60)
+    assert copy.read_bytes() == payload
 
 
 def test_stopping_node_b_marks_it_down_while_node_a_serves(cluster: Cluster) -> None:
