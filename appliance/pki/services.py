@@ -134,18 +134,30 @@ def ca_certificate_pem() -> str:
 
 def server_names() -> list[str]:
     """What the server certificate names: the node, localhost and the loopback addresses,
-    the engine's public host and bind address (not a wildcard one), and
-    ``APPLIANCE_TLS_SERVER_NAMES``. GnuTLS clients (qemu, libnbd) check the host of the
-    URI they connect to against these."""
+    the engine's public host and bind address (not a wildcard one),
+    ``APPLIANCE_TLS_SERVER_NAMES`` and every registered node's name and address. GnuTLS
+    clients (qemu, libnbd) check the host of the URI they connect to against these."""
     candidates = [
         settings.APPLIANCE_NODE_NAME, "localhost", "127.0.0.1", "::1",
         settings.NBD_PUBLIC_HOST, settings.NBD_BIND, *settings.APPLIANCE_TLS_SERVER_NAMES,
+        *_node_names(),
     ]
     names: list[str] = []
     for candidate in candidates:
         name = _server_name(candidate)
         if name is not None and name not in names:
             names.append(name)
+    return names
+
+
+def _node_names() -> list[str]:
+    """Every registered node's name and address: the nodes share one server certificate,
+    and a client dialling any node checks that node's address against it."""
+    from appliance.nodes.models import Node
+
+    names: list[str] = []
+    for name, host in Node.objects.order_by("name").values_list("name", "nbd_host"):
+        names += [name, host]
     return names
 
 

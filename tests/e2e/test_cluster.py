@@ -247,6 +247,17 @@ def test_an_upload_through_the_central_api_lands_on_node_b(cluster: Cluster,
     subprocess.run(["nbdcopy", export["uri"], str(copy)], check=True, capture_output=True,
                    timeout=60)
     assert copy.read_bytes() == payload
+    # TLS to node-b's own address: the nodes' shared server certificate names it
+    status, issued = api(cluster, "POST", "/tls/client-certificates/", {"name": "cluster-user"})
+    assert status == 201, issued
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for key, filename in (("ca_pem", "ca-cert.pem"), ("cert_pem", "client-cert.pem"),
+                          ("key_pem", "client-key.pem")):
+        (certs / filename).write_text(issued[key])
+    tls_uri = export["uri"].replace("nbd://", "nbds://") + f"?tls-certificates={certs}"
+    assert tls_uri.startswith(f"nbds://{node_b.address}:")
+    assert wait_until(lambda: served(tls_uri), timeout=30), tls_uri
 
 
 def test_stopping_node_b_marks_it_down_while_node_a_serves(cluster: Cluster) -> None:
