@@ -139,6 +139,22 @@ class ImageCloneForm(forms.Form):
     description = forms.CharField(max_length=1024, required=False)
 
 
+class ImageMoveForm(forms.Form):
+    """Another node that is up, for the image's file and exports."""
+
+    node = forms.ChoiceField(label="Move to node", choices=())
+
+    def __init__(self, *args: Any, current: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from appliance.nodes.selectors import nodes_up
+
+        from .templatetags.dashboard import size
+
+        self.fields["node"].choices = [
+            (node.name, f"{node.name}: {size(node.free_bytes)} free")
+            for node in nodes_up() if node.name != current]
+
+
 class ImageImportForm(PlacementMixin, forms.Form):
     name = forms.CharField(max_length=128, widget=forms.TextInput(attrs=_NAME_ATTRS))
     file = forms.FileField(label="Raw image file",

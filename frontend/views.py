@@ -31,7 +31,7 @@ from appliance.nodes.models import Node
 from appliance.nodes.selectors import node_heartbeat_age, node_is_up, node_list, node_map
 from appliance.sessions.models import FEATURES, Fingerprint, RefusalKind
 from appliance.sessions.selectors import refusal_list, session_feature_stats, session_list
-from appliance.storage.selectors import image_list, image_usage, storage_usage
+from appliance.storage.selectors import image_list, image_usages, storage_usage
 from appliance.storage.services import (
     image_clone,
     image_create,
@@ -49,6 +49,7 @@ from .forms import (
     ImageCreateForm,
     ImageGrowForm,
     ImageImportForm,
+    ImageMoveForm,
     PskIdentityForm,
     call_service,
 )
@@ -94,10 +95,11 @@ def _node_state(name: str, nodes: dict[str, Node], now: Any = None) -> dict[str,
 def _image_rows(images: Any) -> list[dict[str, Any]]:
     images = list(images)
     nodes = node_map({image.node for image in images})
+    usages = image_usages(images)  # one query for the images of other nodes
     now = timezone.now()
     rows = []
     for image in images:
-        usage = image_usage(image)
+        usage = usages[image.pk]
         virtual = usage.virtual_size or 0
         allocated = usage.allocated_size or 0
         percent = min(100.0, 100.0 * allocated / virtual) if virtual else 0.0
@@ -337,10 +339,22 @@ def image_detail(request: HttpRequest, pk: int) -> HttpResponse:
     image = get_object_or_404(image_list(), pk=pk)
     grow = ImageGrowForm(prefix="grow", initial={"size": size_text(image.size)})
     clone = ImageCloneForm(prefix="clone", initial={"name": f"{image.name}-clone"})
+    move = ImageMoveForm(prefix="move", current=image.node)
     status = 200
     if request.method == "POST":
         status = 400
-        if "grow-size" in request.POST:
+        if "move-node" in request.POST:
+            move = ImageMoveForm(request.POST, prefix="move", current=image.node)
+            if move.is_valid():
+                from appliance.storage.move import image_move_start
+
+                if call_service(move, image_move_start, image=image,
+                                node=move.cleaned_data["node"]) is not None:
+                    messages.success(request, f"Moving {image.name} to "
+                                              f"{move.cleaned_data['node']}: its exports are "
+                                              "read-only until the copy is verified.")
+                    return redirect("frontend:image", pk=image.pk)
+        elif "grow-size" in request.POST:
             grow = ImageGrowForm(request.POST, prefix="grow")
             if grow.is_valid():
                 done = call_service(grow, image_grow, image=image, size=grow.cleaned_data["size"],
@@ -358,7 +372,7 @@ def image_detail(request: HttpRequest, pk: int) -> HttpResponse:
                     return redirect("frontend:image", pk=copy.pk)
     return render(request, "frontend/image_detail.html", {
         "nav": "images", "image": image, "row": _image_rows([image])[0],
-        "grow": grow, "clone": clone,
+        "grow": grow, "clone": clone, "move": move,
     }, status=status)
 
 

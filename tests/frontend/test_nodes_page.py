@@ -173,3 +173,28 @@ def test_import_on_a_chosen_node(web, settings, make_node) -> None:
                                      "import-node": "node2"})
     assert response.status_code == 302, response.content.decode()[:2000]
     assert Image.objects.get(name="imported").node == "node2"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_image_page_starts_a_move_to_an_up_node(web, make_image, make_node, settings,
+                                                   storage_root, monkeypatch) -> None:
+    from appliance.storage import move
+
+    queued: list[int] = []
+    monkeypatch.setattr(move.storage_move, "delay", queued.append)
+    monkeypatch.setattr("appliance.engine.tasks.request_sync", lambda node: None)
+    make_node(settings.APPLIANCE_NODE_NAME)
+    make_node("node-b", free=1 << 40)
+    make_node("node-c", age=600)  # down: not offered
+    image = make_image("traveller", size=16 << 20, node=settings.APPLIANCE_NODE_NAME)
+    page = web.get(f"/images/{image.pk}/").content.decode()
+    assert 'id="move-image"' in page
+    assert 'value="node-b"' in page
+    assert 'value="node-c"' not in page
+    response = web.post(f"/images/{image.pk}/", {"move-node": "node-b"})
+    assert response.status_code == 302
+    image.refresh_from_db()
+    assert image.moving_to == "node-b"
+    assert queued == [image.pk]
+    page = web.get(f"/images/{image.pk}/").content.decode()
+    assert 'id="image-moving"' in page
