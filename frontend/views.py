@@ -31,7 +31,7 @@ from appliance.nodes.models import Node
 from appliance.nodes.selectors import node_heartbeat_age, node_is_up, node_list, node_map
 from appliance.sessions.models import FEATURES, Fingerprint, RefusalKind
 from appliance.sessions.selectors import refusal_list, session_feature_stats, session_list
-from appliance.storage.selectors import image_list, image_usages, storage_usage
+from appliance.storage.selectors import image_list, storage_usage
 from appliance.storage.services import (
     image_clone,
     image_create,
@@ -95,11 +95,10 @@ def _node_state(name: str, nodes: dict[str, Node], now: Any = None) -> dict[str,
 def _image_rows(images: Any) -> list[dict[str, Any]]:
     images = list(images)
     nodes = node_map({image.node for image in images})
-    usages = image_usages(images)  # one query for the images of other nodes
     now = timezone.now()
     rows = []
     for image in images:
-        usage = usages[image.pk]
+        usage = image.usage  # image_list() reads the sizes of a whole page at once
         virtual = usage.virtual_size or 0
         allocated = usage.allocated_size or 0
         percent = min(100.0, 100.0 * allocated / virtual) if virtual else 0.0

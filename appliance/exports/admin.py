@@ -8,7 +8,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from .models import Export
-from .services import export_publish, export_update
+from .services import export_delete, export_publish, export_update
 
 
 @admin.register(Export)
@@ -38,3 +38,10 @@ class ExportAdmin(admin.ModelAdmin):
         )
         obj.pk, obj.created_at, obj.updated_at = created.pk, created.created_at, created.updated_at
         obj.node = created.node
+
+    def delete_model(self, request: HttpRequest, obj: Export) -> None:
+        export_delete(export=obj)  # its lock order, and the engine withdraws it at once
+
+    def delete_queryset(self, request: HttpRequest, queryset: Any) -> None:
+        for export in queryset:
+            export_delete(export=export)

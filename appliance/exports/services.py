@@ -101,9 +101,23 @@ def export_update(*, export: Export, **changes: Any) -> Export:
 
 
 def export_delete(*, export: Export) -> None:
+    """Withdraw an export. The sessions it had keep their history, detached from it
+    (``ClientSession.export`` becomes NULL; ``export_name`` stays).
+
+    The export's row is locked before its sessions are detached, and the engine locks it
+    too before it records a session (``session_record_from_engine``): one lock order,
+    export then sessions. So a session recorded meanwhile either commits before the
+    sessions are detached (and is detached with them) or waits and is recorded without an
+    export. Without the lock, a session committed between the detaching UPDATE and the
+    DELETE still referenced the export, and on PostgreSQL the deletion failed at commit
+    with an IntegrityError (the foreign key is checked when the transaction ends).
+    """
     name, node = export.name, export.node
-    export.delete()
-    sync_on_commit(node)
+    with transaction.atomic():
+        locked = Export.objects.select_for_update().filter(pk=export.pk).first()
+        if locked is not None:  # else someone else withdrew it first: nothing to delete
+            locked.delete()
+        sync_on_commit(node)
     log.info("withdrew export %s", name)
 
 

@@ -17,6 +17,10 @@ class Node(models.Model):
 
     ``status`` is not stored: a node is "up" while its last heartbeat is younger than
     ``settings.APPLIANCE_NODE_DOWN_AFTER`` seconds, else "down".
+
+    ``image_usage`` is how other hosts know the sizes of this node's image files (a central
+    host has none of them): the node measures them at every heartbeat and after every
+    storage operation it runs, and writes the map only when it changed.
     """
 
     name = models.CharField(max_length=253, unique=True, validators=[validate_node_name],
@@ -31,6 +35,10 @@ class Node(models.Model):
                                         "root's filesystem")
     labels = models.JSONField(default=list, blank=True, validators=[validate_labels],
                               help_text="placement labels (APPLIANCE_NODE_LABELS)")
+    image_usage = models.JSONField(
+        default=dict, blank=True, editable=False,
+        help_text="virtual and allocated bytes of each image file on this node, "
+        '{"<image id>": [st_size, st_blocks * 512]}, measured at each heartbeat')
     version = models.CharField(max_length=64, blank=True, default="")
     started_at = models.DateTimeField(help_text="when its engine worker last registered it")
     last_heartbeat = models.DateTimeField(db_index=True)

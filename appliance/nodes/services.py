@@ -24,7 +24,14 @@ from .models import Node
 from .selectors import node_down_after, node_heartbeat_age, node_is_up
 from .validators import normalize_labels, validate_node_name
 
-__all__ = ["appliance_version", "node_choose", "node_heartbeat", "node_register"]
+__all__ = [
+    "appliance_version",
+    "node_choose",
+    "node_heartbeat",
+    "node_register",
+    "node_usage_measure",
+    "node_usage_refresh",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,41 @@ def _disk() -> tuple[str, int, int]:
     return str(root), st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
+def node_usage_measure(root: str | os.PathLike[str] | None = None) -> dict[str, list[int]]:
+    """The sizes of this node's image files, as ``Node.image_usage`` keeps them:
+    ``{"<image id>": [st_size, st_blocks * 512]}``. An image whose file is missing is left
+    out (its sizes are unknown, as on the node itself)."""
+    from appliance.storage.models import Image
+    from appliance.storage.services import _FILENAME, storage_root
+
+    base = os.fspath(root if root is not None else storage_root())
+    sizes: dict[str, list[int]] = {}
+    rows = Image.objects.filter(node=settings.APPLIANCE_NODE_NAME).order_by("pk")
+    for pk, filename in rows.values_list("pk", "filename"):
+        if not _FILENAME.fullmatch(filename or ""):
+            continue
+        try:
+            st = os.stat(os.path.join(base, filename))
+        except FileNotFoundError:
+            continue
+        sizes[str(pk)] = [st.st_size, st.st_blocks * 512]
+    return sizes
+
+
+def node_usage_refresh() -> bool:
+    """Measure this node's image files now and store the sizes if they changed (what the
+    heartbeat does, for the operations that just changed a file: other hosts see the new
+    sizes at once instead of at the next beat). True when the row was written."""
+    if getattr(settings, "APPLIANCE_ROLE", "all") == "central":
+        return False  # no storage here
+    usage = node_usage_measure()
+    rows = Node.objects.filter(name=settings.APPLIANCE_NODE_NAME)
+    stored = rows.values_list("image_usage", flat=True).first()
+    if stored is None or stored == usage:
+        return False
+    return bool(rows.update(image_usage=usage))
+
+
 def node_register(*, now: datetime | None = None) -> Node:
     """Create or refresh this host's row (``settings.APPLIANCE_NODE_NAME``): its NBD
     address, storage root and space, labels and version; it starts up."""
@@ -64,6 +106,7 @@ def node_register(*, now: datetime | None = None) -> Node:
         "storage_root": root,
         "capacity_bytes": capacity,
         "free_bytes": free,
+        "image_usage": node_usage_measure(root),
         "labels": normalize_labels(list(getattr(settings, "APPLIANCE_NODE_LABELS", []))),
         "version": appliance_version(),
         "started_at": now,
@@ -76,13 +119,27 @@ def node_register(*, now: datetime | None = None) -> Node:
 
 
 def node_heartbeat(*, now: datetime | None = None) -> None:
-    """This host is alive: refresh ``last_heartbeat`` and the storage root's space. A row
-    that vanished (deleted by hand) is registered again."""
+    """This host is alive: refresh ``last_heartbeat``, the storage root's space and the
+    sizes of the image files on it (``image_usage``). A row that vanished (deleted by
+    hand) is registered again.
+
+    The sizes cost one indexed query for this node's images and one ``stat`` per file;
+    the map is compared with the stored one and written only when a size changed, so an
+    idle node's beat stays a one-row UPDATE of a few columns (on PostgreSQL an unchanged
+    JSON value is not rewritten)."""
     now = now or timezone.now()
-    _, capacity, free = _disk()
-    updated = Node.objects.filter(name=settings.APPLIANCE_NODE_NAME).update(
-        last_heartbeat=now, capacity_bytes=capacity, free_bytes=free)
-    if not updated:
+    root, capacity, free = _disk()
+    usage = node_usage_measure(root)
+    rows = Node.objects.filter(name=settings.APPLIANCE_NODE_NAME)
+    stored = rows.values_list("image_usage", flat=True).first()
+    if stored is None:
+        node_register(now=now)
+        return
+    fields: dict[str, object] = {"last_heartbeat": now, "capacity_bytes": capacity,
+                                 "free_bytes": free}
+    if stored != usage:
+        fields["image_usage"] = usage
+    if not rows.update(**fields):
         node_register(now=now)
 
 

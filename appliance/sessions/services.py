@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from appliance.errors import InvalidEngineSnapshot
 from appliance.exports.models import Export
@@ -63,6 +63,9 @@ def session_record_from_engine(
         "connected_at": fields.pop("connected_at"),
     }
     with transaction.atomic():
+        # The export first, then the session: the lock order of export_delete, which
+        # detaches an export's sessions before deleting it (see there).
+        fields["export"] = _export_for_session(fields["export_name"])
         session = ClientSession.objects.select_for_update().filter(**key).first()
         if session is None:
             try:
@@ -75,6 +78,17 @@ def session_record_from_engine(
             _update(session, fields)
         _refine_multi_conn(session)
     return session
+
+
+def _export_for_session(name: str) -> Export | None:
+    """The export a session names, locked until the session is written (so that it cannot
+    be deleted in between), or None when there is none (any more). The lock is the weakest
+    one that a deletion waits for (FOR NO KEY UPDATE): it does not block foreign-key
+    checks of other rows."""
+    if not name:
+        return None
+    no_key = connection.features.has_select_for_no_key_update
+    return Export.objects.select_for_update(no_key=no_key).filter(name=name).first()
 
 
 def _update(session: ClientSession, fields: dict[str, Any]) -> None:
@@ -202,7 +216,6 @@ def _fields_from_snapshot(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         "connected_at": _timestamp(snapshot.get("opened_at"), "opened_at", required=True),
         "disconnected_at": _timestamp(snapshot.get("closed_at"), "closed_at", required=False),
         "close_reason": str(snapshot.get("close_reason") or "")[:500],
-        "export": Export.objects.filter(name=export_name).first() if export_name else None,
         "export_name": export_name,
         "peer": peer[:300],
         "peer_address": address,

@@ -13,6 +13,7 @@ from appliance.errors import ApplianceError, human_size
 
 from .models import Image
 from .remote import is_local
+from .selectors import with_usage
 from .services import (
     image_check_create,
     image_check_grow,
@@ -21,6 +22,12 @@ from .services import (
     image_grow,
     image_update,
 )
+
+
+def _size(image: Image, size: int | None) -> str:
+    if size is not None:
+        return human_size(size)
+    return "file missing" if is_local(image.node) else f"not measured by {image.node} yet"
 
 
 class ImageAdminForm(forms.ModelForm):
@@ -58,17 +65,15 @@ class ImageAdmin(admin.ModelAdmin):
                        "updated_at"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Image]:
-        return super().get_queryset(request).prefetch_related("exports")
+        return with_usage(super().get_queryset(request).prefetch_related("exports"))
 
     @admin.display(description="virtual size")
     def virtual(self, image: Image) -> str:
-        size = image.usage.virtual_size
-        return "file missing" if size is None else human_size(size)
+        return _size(image, image.usage.virtual_size)
 
     @admin.display(description="allocated")
     def allocated(self, image: Image) -> str:
-        size = image.usage.allocated_size
-        return "file missing" if size is None else human_size(size)
+        return _size(image, image.usage.allocated_size)
 
     @admin.display(description="exports")
     def export_names(self, image: Image) -> str:

@@ -180,11 +180,24 @@ def execute(operation: str, arguments: dict[str, Any]) -> dict[str, Any]:
                           "detail": f"node {settings.APPLIANCE_NODE_NAME!r} does not know the "
                                     f"storage operation {operation!r} (an older version?)"}}
     try:
-        return {"result": func(**arguments)}
+        reply = {"result": func(**arguments)}
     except Exception as exc:
         if not isinstance(exc, ApplianceError | ValidationError | ObjectDoesNotExist):
             log.exception("storage operation %s failed", operation)
         return {"error": error_to_reply(exc)}
+    _refresh_usage(operation)
+    return reply
+
+
+def _refresh_usage(operation: str) -> None:
+    """The sizes other hosts show for this node's images (``Node.image_usage``) follow an
+    operation at once rather than at the next heartbeat; a failure here only delays them."""
+    from appliance.nodes.services import node_usage_refresh
+
+    try:
+        node_usage_refresh()
+    except Exception as exc:
+        log.warning("image sizes not refreshed after %s: %s", operation, exc)
 
 
 def error_to_reply(exc: BaseException) -> dict[str, Any]:

@@ -110,6 +110,55 @@ def test_admin_will_not_delete_an_exported_image(admin_client, make_export) -> N
     assert Image.objects.filter(pk=export.image.pk).exists()
 
 
+def test_admin_shows_the_sizes_other_nodes_measured(admin_client, settings,
+                                                    make_image) -> None:
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
+
+    from appliance.nodes.models import Node
+
+    images = [make_image(f"disk{i}") for i in range(5)]
+    now = timezone.now()
+    Node.objects.create(name="node1", nbd_host="127.0.0.1", nbd_port=10809, started_at=now,
+                        last_heartbeat=now - timedelta(seconds=1),
+                        image_usage={str(i.pk): [64 * MiB, 3 * MiB] for i in images[1:]})
+    settings.APPLIANCE_ROLE = "central"
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get("/admin/storage/image/")
+    html = page.content.decode()
+    assert html.count(">3 MiB<") == 4
+    assert "not measured by node1 yet" in html
+    node_reads = [q for q in queries.captured_queries if '"nodes_node"' in q["sql"]]
+    assert len(node_reads) == 1  # one query for the whole page
+
+
+def test_admin_deletes_exports_through_the_service(
+        admin_client, make_export, monkeypatch, django_capture_on_commit_callbacks) -> None:
+    synced: list[str] = []
+    monkeypatch.setattr("appliance.engine.tasks.request_sync", synced.append)
+    one, two, three = make_export("vm1"), make_export("vm2"), make_export("vm3")
+    session_record_from_engine(snapshot=engine_snapshot({"export_name": "vm1"}))
+    with django_capture_on_commit_callbacks(execute=True):
+        page = admin_client.post(f"/admin/exports/export/{one.pk}/delete/", {"post": "yes"})
+        assert page.status_code == 302
+        bulk = admin_client.post("/admin/exports/export/", {
+            "action": "delete_selected", "_selected_action": [two.pk, three.pk],
+            "post": "yes"})
+        assert bulk.status_code == 302
+    assert not Export.objects.exists()
+    assert synced == ["node1", "node1", "node1"]  # the engine withdraws them at once
+    assert get_session_export() is None
+
+
+def get_session_export() -> object:
+    from appliance.sessions.models import ClientSession
+
+    return ClientSession.objects.get().export
+
+
 def test_admin_sessions_are_read_only(admin_client) -> None:
     session = session_record_from_engine(snapshot=engine_snapshot({"export_name": "vm1"}))
     page = admin_client.get(f"/admin/clientsessions/clientsession/{session.pk}/change/")

@@ -179,6 +179,30 @@ def test_an_import_takes_node_and_labels_in_the_query(api, settings, make_node) 
     assert refused.json()["code"] == "node_unavailable"
 
 
+def test_a_central_host_shows_the_sizes_and_free_space_the_nodes_measured(
+        api, settings, make_node, make_image) -> None:
+    first, second = make_image("first"), make_image("second")
+    place_on(second, "node2")
+    make_node("node1", free=3 * GiB)
+    make_node("node2", free=5 * GiB)
+    make_node("node3", free=7 * GiB, age=3600)  # down
+    from appliance.nodes.models import Node
+
+    Node.objects.filter(name="node1").update(image_usage={str(first.pk): [64 * MiB, MiB]})
+    Node.objects.filter(name="node2").update(image_usage={str(second.pk): [64 * MiB, 0]})
+    settings.APPLIANCE_ROLE = "central"  # none of the files is here
+
+    listed = {i["name"]: i for i in api.get("/api/v1/images/").json()["results"]}
+    assert (listed["first"]["virtual_size"], listed["first"]["allocated_size"]) == (
+        64 * MiB, MiB)
+    assert (listed["second"]["virtual_size"], listed["second"]["allocated_size"]) == (
+        64 * MiB, 0)
+    detail = api.get(f"/api/v1/images/{first.pk}/").json()
+    assert (detail["virtual_size"], detail["allocated_size"]) == (64 * MiB, MiB)
+    usage = api.get("/api/v1/images/usage").json()
+    assert usage["free"] == 8 * GiB  # the nodes that are up
+
+
 # ------------------------------------------------------------------ exports
 
 

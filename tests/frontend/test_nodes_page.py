@@ -93,6 +93,23 @@ def test_images_show_their_node(web, make_node, make_image) -> None:
     assert re.search(r'id="image-node">.*data-node="node1"', detail)
 
 
+def test_a_central_host_shows_sizes_and_free_space_from_the_nodes(
+        web, settings, make_node, make_image) -> None:
+    from appliance.nodes.models import Node
+
+    image = place_on(make_image("far"), "node2")
+    make_node("node1", free=2 * GiB)
+    make_node("node2", free=4 * GiB)
+    Node.objects.filter(name="node2").update(image_usage={str(image.pk): [64 * MiB, 16 * MiB]})
+    settings.APPLIANCE_ROLE = "central"
+    html = web.get("/images/").content.decode()
+    assert "16 MiB allocated of 64 MiB virtual (25.0%)" in row(html, "data-image", "far")
+    assert "6 GiB free on 2 nodes" in html
+    detail = web.get(f"/images/{image.pk}/").content.decode()
+    assert "16 MiB allocated of 64 MiB virtual (25.0%)" in detail
+    assert "6 GiB free on 2 nodes" in web.get("/").content.decode()
+
+
 def test_an_export_on_a_down_node_is_shown_unavailable(web, make_node, make_export) -> None:
     make_node("node1", nbd_host="192.0.2.1")
     make_node("node2", age=3600, nbd_host="192.0.2.2", nbd_port=10900)
