@@ -42,5 +42,11 @@ if [ ! -x .venv/bin/python ]; then
         "$PYTHON" -m venv .venv
     fi
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
+# Once pyproject.toml's dependencies are installed, say so in a stamp and skip pip next time:
+# several run commands may start at once (a cluster's nodes) and pip must not race itself.
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extras:+-test}"
+if [ ! -e "$stamp" ] && { [ -n "$extras" ] || [ ! -e "${stamp}-test" ]; }; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
+    touch "$stamp"
+fi

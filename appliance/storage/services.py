@@ -388,6 +388,11 @@ def image_clone(*, source: Image, name: str, description: str = "") -> Image:
     path = storage_root() / clone.filename
     try:
         with transaction.atomic():
+            # Hold the source as image_delete would: a concurrent delete of the source
+            # then waits for the clone (and refuses), instead of the clone's commit failing
+            # on its cloned_from reference.
+            if not Image.objects.select_for_update(no_key=True).filter(pk=source.pk).exists():
+                raise Image.DoesNotExist(f"image {source.name!r} was deleted meanwhile")
             _insert(clone)
             try:
                 method = clone_file(image_path(source), path)
