@@ -61,6 +61,13 @@ def api(user: Any) -> Any:
 
 
 @pytest.fixture
+def web(client: Any, user: Any) -> Any:
+    """Django's test client, logged in to the dashboard."""
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
 def anon(db: None) -> Any:
     from rest_framework.test import APIClient
 

@@ -150,13 +150,19 @@ def test_move_through_the_api_answers_202_and_shows_the_move(
     assert again.json()["code"] == "image_move_refused"
 
 
-@pytest.mark.django_db(transaction=True)
-def test_an_upload_for_another_node_is_written_there_over_nbd(
-        cluster: Cluster, source_engine, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def engine_follows(source_engine, monkeypatch: pytest.MonkeyPatch):
+    """node-a's engine applies its spec whenever the appliance asks it to converge."""
     _, registry, refresh = source_engine
-    # node-a's engine applies its spec whenever the appliance asks it to converge
     monkeypatch.setattr("appliance.engine.tasks.request_sync",
                         lambda node: refresh() if node == "node-a" else None)
+    return registry
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_for_another_node_is_written_there_over_nbd(
+        cluster: Cluster, engine_follows: ExportRegistry) -> None:
+    registry = engine_follows
     payload = bytearray(8 * MiB)
     payload[MiB:MiB + 4096] = b"x" * 4096
     payload[5 * MiB:6 * MiB] = os.urandom(MiB)
@@ -175,10 +181,7 @@ def test_an_upload_for_another_node_is_written_there_over_nbd(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_upload_to_another_node_leaves_nothing(
-        cluster: Cluster, source_engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, _, refresh = source_engine
-    monkeypatch.setattr("appliance.engine.tasks.request_sync",
-                        lambda node: refresh() if node == "node-a" else None)
+        cluster: Cluster, engine_follows: ExportRegistry) -> None:
     short = io.BytesIO(b"\x01" * MiB)  # announces 4 MiB, sends 1
     with pytest.raises(UploadIncomplete):
         image_create_from_upload(name="cut", stream=short, length=4 * MiB, node="node-a")

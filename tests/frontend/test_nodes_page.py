@@ -19,12 +19,6 @@ def _storage(storage_root):
     return storage_root
 
 
-@pytest.fixture
-def web(client, user):
-    client.force_login(user)
-    return client
-
-
 def row(html: str, attribute: str, name: str) -> str:
     match = re.search(rf'<tr[^>]*{attribute}="{re.escape(name)}"[^>]*>(.*?)</tr>', html, re.S)
     assert match, f"no row {attribute}={name}"

@@ -23,12 +23,6 @@ def _storage(storage_root):
     return storage_root
 
 
-@pytest.fixture
-def web(client, user):
-    client.force_login(user)
-    return client
-
-
 def html(response) -> str:
     return response.content.decode()
 

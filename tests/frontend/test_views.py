@@ -23,12 +23,6 @@ def _storage(storage_root):
     return storage_root
 
 
-@pytest.fixture
-def web(client, user):
-    client.force_login(user)
-    return client
-
-
 def field_errors(response, field: str) -> list[str]:
     """The messages shown beside ``field`` (rendered, not just in the context)."""
     html = response.content.decode()
