@@ -14,7 +14,7 @@ import itertools
 import os
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .protocol import wire
@@ -232,12 +232,9 @@ class NbdClient:
     def _send(self, cmd: int, offset: int, length: int, flags: int = 0,
               payload: bytes | memoryview = b"") -> int:
         cookie = next(self._cookies)
-        header = wire.encode_request(wire.Request(cmd, flags, cookie, offset, length))
+        self.sock.sendall(wire.encode_request(wire.Request(cmd, flags, cookie, offset, length)))
         if payload:
-            self.sock.sendall(header)
             self.sock.sendall(payload)
-        else:
-            self.sock.sendall(header)
         return cookie
 
     def _expect_ok(self, cookie: int, command: str) -> None:
@@ -310,12 +307,18 @@ def digest_file(fd: int, extents: tuple[tuple[int, int], ...], *,
                 piece: int = MAX_REQUEST) -> str:
     """The digest of a copy read back from the file ``fd``, over the same extents."""
     digest = hashlib.sha256()
+    for pos, size in _pieces(extents, piece):
+        digest.update(wire.U64.pack(pos))
+        digest.update(os.pread(fd, size, pos))
+    return digest.hexdigest()
+
+
+def _pieces(extents: Iterable[tuple[int, int]], piece: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of at most ``piece`` bytes covering each extent in turn: the copy
+    and every digest of it must cut the data the same way."""
     for offset, length in extents:
         for pos in range(offset, offset + length, piece):
-            data = os.pread(fd, min(piece, offset + length - pos), pos)
-            digest.update(wire.U64.pack(pos))
-            digest.update(data)
-    return digest.hexdigest()
+            yield pos, min(piece, offset + length - pos)
 
 
 def _walk_data(client: NbdClient, piece: int,
@@ -328,8 +331,8 @@ def _walk_data(client: NbdClient, piece: int,
             hole_bytes += extent.length
             continue
         extents.append((extent.offset, extent.length))
-        for offset in range(extent.offset, extent.offset + extent.length, piece):
-            data = client.pread(min(piece, extent.offset + extent.length - offset), offset)
+        for offset, length in _pieces([(extent.offset, extent.length)], piece):
+            data = client.pread(length, offset)
             sink(offset, data)
             digest.update(wire.U64.pack(offset))
             digest.update(data)

@@ -472,7 +472,6 @@ class _Connection:
         self.tls = True
         self.use_sendfile = False
         names, serial = peer_identity(stream)
-        forget_psk_identity()
         self.info.tls_names, self.info.tls_serial = names, serial
         hs.tls_started(names)
 

@@ -179,14 +179,14 @@ class TlsStream:
             except ssl.SSLError:
                 self._send_alert()  # tell the client why ("certificate revoked")
                 raise
-            self._send_out()
+            self.send_out()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("TLS handshake took too long")
             self.sock.settimeout(remaining)
             if not self._fill():
                 raise ConnectionResetError("client closed during the TLS handshake")
-        self._send_out()  # the server's last flight (and TLS 1.3 session tickets)
+        self.send_out()  # the server's last flight (and TLS 1.3 session tickets)
 
     def getpeercert(self, binary_form: bool = False) -> object:
         return self._tls.getpeercert(binary_form)
@@ -249,7 +249,7 @@ class TlsStream:
             if not self._incoming.pending and not self._tls.pending():
                 break
         if self._outgoing.pending:  # a KeyUpdate answer, for instance
-            self._send_out()
+            self.send_out()
         return n
 
     def _fill(self) -> bool:
@@ -265,23 +265,21 @@ class TlsStream:
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self._tls.write(data)
-        self._send_out()
+        self.send_out()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt without sending: ``send_out`` sends everything written so far at once."""
         self._tls.write(data)
 
     def send_out(self) -> None:
-        self._send_out()
-
-    def _send_out(self) -> None:
+        """Send every encrypted byte written so far, in one ``sendall``."""
         data = self._outgoing.read()
         if data:
             self.sock.sendall(data)
 
     def _send_alert(self) -> None:
         try:
-            self._send_out()
+            self.send_out()
         except OSError:
             pass
 

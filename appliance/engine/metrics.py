@@ -166,38 +166,31 @@ class EngineMetrics:
             self._last_db = now
             for conn in live:  # long sessions get their counters refreshed
                 self._push(conn.snapshot())
-        while True:
-            with self._lock:
-                if not self._events:
-                    return
-                snapshot = self._events[0]
-            try:
-                self.record_session(snapshot)
-            except Exception as exc:
-                self.complain("recording a session", exc)
-                return  # keep it queued; the next tick retries
-            with self._lock:
-                if self._events and self._events[0] is snapshot:
-                    self._events.popleft()
+        self._drain(self._events, self.record_session, "recording a session")
 
     def _write_refusals(self) -> None:
         if self.record_refusal is None:
             with self._lock:
                 self._refused.clear()
             return
+        self._drain(self._refused, self.record_refusal, "recording a refused connection")
+
+    def _drain(self, queue: collections.deque[dict[str, Any]],
+               record: Callable[[dict[str, Any]], None], what: str) -> None:
+        """Record queued snapshots oldest first; one that fails stays for the next tick."""
         while True:
             with self._lock:
-                if not self._refused:
+                if not queue:
                     return
-                snapshot = self._refused[0]
+                snapshot = queue[0]
             try:
-                self.record_refusal(snapshot)
+                record(snapshot)
             except Exception as exc:
-                self.complain("recording a refused connection", exc)
-                return  # keep it queued; the next tick retries
+                self.complain(what, exc)
+                return
             with self._lock:
-                if self._refused and self._refused[0] is snapshot:
-                    self._refused.popleft()
+                if queue and queue[0] is snapshot:
+                    queue.popleft()
 
     def export_totals(self, live: list[ConnectionInfo]) -> dict[str, dict[str, Any]]:
         """Per export: counters of ended connections plus those of live ones."""

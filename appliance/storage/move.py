@@ -222,9 +222,7 @@ def image_import_over_nbd(*, image: Image, stream: Any, length: int) -> Image:
 
     created = image_create(name=image.name, size=length, description=image.description,
                            node=image.node)
-    Image.objects.filter(pk=created.pk).update(import_token=secrets.token_hex(16))
-    created.refresh_from_db()
-    sync_on_commit(created.node)
+    _set_import_token(created, secrets.token_hex(16))
     node = Node.objects.get(name=created.node)
     try:
         with _connect(node.nbd_host, node.nbd_port, import_export_name(created)) as client:
@@ -232,14 +230,17 @@ def image_import_over_nbd(*, image: Image, stream: Any, length: int) -> Image:
                                      length)
             client.flush()
     except BaseException:
-        Image.objects.filter(pk=created.pk).update(import_token="")
-        created.refresh_from_db()
-        sync_on_commit(created.node)
+        _set_import_token(created, "")
         image_delete(image=created)
         raise
-    Image.objects.filter(pk=created.pk).update(import_token="")
-    created.refresh_from_db()
-    sync_on_commit(created.node)
+    _set_import_token(created, "")
     log.info("imported image %s on %s over NBD: %d bytes, %d of data", created.name,
              created.node, length, data)
     return created
+
+
+def _set_import_token(image: Image, token: str) -> None:
+    """Open ("" closes) the hidden writable export of ``image`` on its node's engine."""
+    Image.objects.filter(pk=image.pk).update(import_token=token)
+    image.refresh_from_db()
+    sync_on_commit(image.node)

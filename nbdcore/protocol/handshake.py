@@ -464,8 +464,9 @@ class Handshake:
         try:
             export = self.catalog.lookup(name, self.client)
         except (ExportUnknown, ExportRefused) as exc:
-            self._refuse(exc.kind, self._refusal_text(exc), name)
-            self._error(seen, self._refusal_reply(exc), self._refusal_text(exc))
+            reason = self._refusal_text(exc)
+            self._refuse(exc.kind, reason, name)
+            self._error(seen, self._refusal_reply(exc), reason)
             return None
         contexts = self._contexts if self._meta_export == export.name else {}
         flags = export.transmission_flags(
