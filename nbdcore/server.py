@@ -5,9 +5,13 @@ Theory of operation
 Each connection thread runs the sans-IO handshake, then a batch loop: one large
 ``recv_into`` into a reused buffer, every complete request in it parsed and executed in
 place, and all their replies sent with one ``sendmsg`` before the next receive. Reads of
-``LARGE_READ`` or more are read into a reused per-connection buffer with ``preadv`` (or,
-when asked, sent with ``os.sendfile`` after a header sent with ``MSG_MORE``); WRITE
-payloads are written straight from the receive buffer.
+``LARGE_READ`` or more of a file are queued as views of a read-only mapping of it, so the
+kernel copies page cache into the socket once (a read into a buffer and a send from it
+copy twice; ``os.sendfile``, when asked for, copies nothing here but costs a receiver on
+the same machine more than that saves). A page that cannot be read turns up as EFAULT
+from ``sendmsg``; the rest of that chunk is sent as zeroes and an error chunk follows.
+Other backends, and TLS, read into a reused buffer with ``preadv``. WRITE payloads are
+written straight from the receive buffer.
 
 Operations that wait on the disk for durability (FLUSH, the sync of a FUA write) go to a
 small shared pool so they do not stall the other requests of their connection; their
@@ -305,6 +309,7 @@ class _Connection:
         self._read_buffer: memoryview | None = None
         self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
+        self._mapped: list[_MappedSpan] = []  # where in _out file mappings are sent from
         self._timed: list[int] = []  # start times of requests whose replies are queued
         # Offloaded jobs hand their replies back through this queue and wake us with efd.
         self._done: collections.deque[_Done] = collections.deque()
@@ -823,6 +828,7 @@ class _Connection:
             and not extents[0].is_hole
             and OFFLOAD_READ_MIN <= req.length <= READ_PIECE
             and not self.use_sendfile
+            and not self._maps(backend)
         ):
             fd = backend.read_fd()
             if fd is not None and self._offload_read(req, t0, fd):
@@ -856,6 +862,10 @@ class _Connection:
         assert tx is not None
         fd = backend.read_fd()
         if fd is not None and length >= LARGE_READ:
+            view = backend.mapped_view(offset, length) if self._maps(backend) else None
+            if view is not None:
+                self._queue_mapped(req, view, offset, last=last)
+                return True
             if length <= READ_PIECE and not self.use_sendfile:
                 return self._read_buffered(req, fd, offset, length, last=last)
             self._queue(tx.data_chunk_header(req, offset, length, done=False))
@@ -917,6 +927,29 @@ class _Connection:
         self._flush()  # the buffer is reused by the next read
         self.stats.bytes_read += length
         return True
+
+    def _maps(self, backend: Backend) -> bool:
+        """Whether large reads go out as views of the file's mapping (never through TLS:
+        encrypting them would touch the pages from user space, where a bad one is SIGBUS)."""
+        return not self.tls and not self.use_sendfile and hasattr(backend, "mapped_view")
+
+    def _queue_mapped(self, req: wire.Request, view: memoryview, offset: int, *,
+                      last: bool) -> None:
+        """OFFSET_DATA from the file's mapping. The chunk never carries DONE: whether its
+        pages can be read is known only while they are sent, and if one cannot, the reply
+        must still be able to end with an error chunk (see ``_mapped_fault``)."""
+        tx = self.tx
+        assert tx is not None
+        header = tx.data_chunk_header(req, offset, len(view), done=False)
+        start = self._out_bytes + len(header)
+        self._out += (header, view)
+        self._out_bytes = start + len(view)
+        self._mapped.append(_MappedSpan(start, self._out_bytes, req, offset))
+        self.stats.bytes_read += len(view)
+        if last:
+            self._queue(tx.done_chunk(req))
+        if self._out_bytes >= MAX_QUEUED_OUT:
+            self._flush()
 
     def _read_view(self) -> memoryview:
         if self._read_buffer is None:
@@ -991,12 +1024,9 @@ class _Connection:
             pos += got
 
     def _send_zeroes(self, count: int) -> None:
-        zeroes = memoryview(bytes(min(count, READ_PIECE)))
         try:
-            while count:
-                n = min(len(zeroes), count)
-                self.io.sendall(zeroes[:n])
-                count -= n
+            for piece in _zeroes(count):
+                self.io.sendall(piece)
         except OSError as exc:
             raise _Disconnect(f"connection lost: {exc}") from exc
 
@@ -1027,18 +1057,24 @@ class _Connection:
         elif out:
             flags = socket.MSG_MORE if more else 0
             sock = self.sock
+            position = 0  # bytes of this flush sent so far
             while out:
                 batch = out[:IOV_MAX]
                 try:
                     sent = sock.sendmsg(batch, [], flags)
                 except OSError as exc:
+                    if exc.errno == errno.EFAULT and self._mapped:
+                        position += self._mapped_fault(position)
+                        continue
                     raise _Disconnect(f"connection lost: {exc}") from exc
+                position += sent
                 total = sum(map(len, batch))
                 if sent == total:
                     del out[: len(batch)]
                     continue
-                _drop_sent(out, sent)
+                _take(out, sent)
             self._out_bytes = 0
+            self._mapped.clear()
         if self._lent_buffers:
             self._free_buffers += self._lent_buffers
             self._lent_buffers.clear()
@@ -1048,6 +1084,41 @@ class _Connection:
             for t0 in self._timed:
                 record(now - t0)
             self._timed.clear()
+
+    def _mapped_fault(self, position: int) -> int:
+        """``sendmsg`` met a mapped page it could not read (a failing disk, a file cut
+        short), at or after ``position`` bytes into this flush. Replace the rest of that
+        chunk with zeroes followed by an error chunk, and return how many bytes were sent
+        here (those before the mapped data, which the kernel may have refused along with it).
+        """
+        span = next((s for s in self._mapped if s.end > position), None)
+        if span is None:
+            raise _Disconnect("EFAULT while sending a reply")
+        out = self._out
+        if position < span.start:  # send the bytes before the mapping on their own
+            head = _take(out, span.start - position)
+            self._send_all(head)
+            return span.start - position
+        failed_at = span.offset + (position - span.start)
+        log.warning("read for %s failed at %d: the file's page could not be mapped",
+                    self.info.peer, failed_at)
+        self.stats.count_error(NbdErrno.EIO.name)
+        _take(out, span.end - position)
+        error = self.tx.error_chunk(  # type: ignore[union-attr]
+            span.req, NbdErrno.EIO, "image file could not be read", failed_at, done=False)
+        out[0:0] = [*_zeroes(span.end - position), error]
+        self._mapped.remove(span)
+        for later in self._mapped:
+            later.start += len(error)
+            later.end += len(error)
+        return 0
+
+    def _send_all(self, pieces: list[bytes | memoryview]) -> None:
+        try:
+            while pieces:
+                _take(pieces, self.sock.sendmsg(pieces[:IOV_MAX]))
+        except OSError as exc:
+            raise _Disconnect(f"connection lost: {exc}") from exc
 
     def _flush_tls(self, out: list[bytes | memoryview]) -> None:
         """Encrypt the batch (small replies joined, so they share TLS records), then send
@@ -1220,13 +1291,33 @@ def _ssl_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _drop_sent(out: list[bytes | memoryview], sent: int) -> None:
-    """Remove ``sent`` bytes from the front of a list of buffers."""
-    while sent:
+class _MappedSpan:
+    """Bytes [start, end) of the queued output come from the file's mapping at ``offset``."""
+
+    __slots__ = ("end", "offset", "req", "start")
+
+    def __init__(self, start: int, end: int, req: wire.Request, offset: int) -> None:
+        self.start, self.end, self.req, self.offset = start, end, req, offset
+
+
+_ZEROES = memoryview(bytes(READ_PIECE))
+
+
+def _zeroes(count: int) -> list[memoryview]:
+    return [_ZEROES[: min(READ_PIECE, count - at)] for at in range(0, count, READ_PIECE)]
+
+
+def _take(out: list[bytes | memoryview], count: int) -> list[bytes | memoryview]:
+    """Remove ``count`` bytes from the front of a list of buffers and return them."""
+    head: list[bytes | memoryview] = []
+    while count:
         first = out[0]
-        if len(first) <= sent:
-            sent -= len(first)
+        if len(first) <= count:
+            head.append(first)
+            count -= len(first)
             del out[0]
         else:
-            out[0] = memoryview(first)[sent:]
-            sent = 0
+            head.append(memoryview(first)[:count])
+            out[0] = memoryview(first)[count:]
+            count = 0
+    return head

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import threading
 
@@ -17,6 +18,9 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 HOLE_FLAGS = int(State.HOLE | State.ZERO)
 ZERO_WRITE_CHUNK = 1 << 20
+# Mapped pages count in the engine's resident size although they are page cache: after
+# this many bytes have been handed out, the mapping's page table entries are dropped.
+MAP_RELEASE_BYTES = 16 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -39,6 +43,7 @@ class SparseFile:
         *,
         read_only: bool = False,
         cache_allocation: bool = True,
+        map_reads: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
@@ -54,6 +59,9 @@ class SparseFile:
         self._cache_allocation = cache_allocation
         self._known_lock = threading.Lock()
         self._punches = 0  # bumped before every punch, so a lookup racing one is not cached
+        self._map: _FileMap | None = None
+        self._map_lock = threading.Lock()
+        self._mappable = map_reads  # off: large reads go through a buffer (see server.py)
         writable = not read_only
         self.caps = Capabilities(
             can_write=writable,
@@ -67,6 +75,45 @@ class SparseFile:
 
     def read_fd(self) -> int:
         return self.fd
+
+    def mapped_view(self, offset: int, length: int) -> memoryview | None:
+        """The file's bytes [offset, offset+length) as a view of a read-only mapping, or
+        None when the file is shorter or cannot be mapped.
+
+        Only for the kernel to copy from (``sendmsg``): a page that cannot be read makes
+        the send fail with EFAULT, whereas touching it from Python would kill the process
+        with SIGBUS. Writes, punches and truncation through any fd show up in the mapping
+        (MAP_SHARED), so it is never stale.
+        """
+        end = offset + length
+        current = self._map
+        if current is None or end > current.size:
+            current = self._remap(end)
+            if current is None:
+                return None
+        try:
+            return current.view(offset, end)
+        except ValueError:  # replaced by a larger mapping a moment ago
+            return None
+
+    def _remap(self, end: int) -> _FileMap | None:
+        with self._map_lock:
+            current = self._map
+            if current is not None and end <= current.size:
+                return current
+            if not self._mappable or self.fd < 0:
+                return None
+            size = os.fstat(self.fd).st_size
+            if size < end:
+                return None  # the buffered path reads what exists and reports the rest
+            try:
+                self._map = _FileMap(self.fd, size)
+            except (OSError, ValueError):  # not a regular file or block device, say
+                self._mappable = False
+                return None
+            if current is not None:
+                current.close()  # views still in flight keep the old pages mapped
+            return self._map
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -192,6 +239,40 @@ class SparseFile:
         return out
 
     def close(self) -> None:
+        with self._map_lock:
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+            self._mappable = False
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _FileMap:
+    """A read-only shared mapping of a whole file whose resident pages are dropped now
+    and then (the page cache keeps them), so that serving a large image does not show as
+    the engine holding it in memory."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.size = size
+        self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._whole = memoryview(self._mmap)
+        self._handed_out = 0  # unlocked: an approximate count is enough to bound memory
+
+    def view(self, start: int, end: int) -> memoryview:
+        self._handed_out += end - start
+        if self._handed_out >= MAP_RELEASE_BYTES:
+            self._handed_out = 0
+            # Safe while other threads send from the mapping: the kernel faults the
+            # pages back in from the page cache.
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+        return self._whole[start:end]
+
+    def close(self) -> None:
+        """Unmap now if no view is in flight, else when the last one is dropped."""
+        try:
+            self._whole.release()
+            self._mmap.close()
+        except BufferError:
+            pass

@@ -1,9 +1,10 @@
 """Every way a READ of a file can be answered, healthy and with the file cut short.
 
-Reads take different paths by size (small: one pread; 64 KiB+: the connection's buffer;
-512 KiB..1 MiB: read in the pool; larger: streamed in pieces) and by server option
-(``use_sendfile``), each with simple and structured replies. Data must always be the
-file's, and a missing tail must never come back as a successful read.
+Reads take different paths by size (small: one pread; 64 KiB+: a view of the file's
+mapping for structured replies, else the connection's buffer; 512 KiB..1 MiB unmapped:
+read in the pool; larger: streamed in pieces), by backend option (``map_reads``) and by
+server option (``use_sendfile``), each with simple and structured replies. Data must
+always be the file's, and a missing tail must never come back as a successful read.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ CUT_AT = 5 * MiB + 1000  # where the file ends after truncation
 LENGTHS = [4096, 256 * 1024, 768 * 1024, MiB, 3 * MiB]
 
 
-@pytest.fixture(params=[False, True], ids=["buffered", "sendfile"])
+@pytest.fixture(params=["mapped", "buffered", "sendfile"])
 def file_server(request, inprocess_server, tmp_path):
     path = tmp_path / "disk.raw"
     path.write_bytes(pattern(0, SIZE))
-    server = inprocess_server(ExportRegistry([Export("disk", SparseFile(path))]),
-                              use_sendfile=request.param)
+    backend = SparseFile(path, map_reads=request.param == "mapped")
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]),
+                              use_sendfile=request.param == "sendfile")
     return path, int(server.port)
 
 
@@ -79,3 +81,58 @@ def test_cut_file_simple_read_is_never_a_success(file_server, length):
         except (ServerClosed, ConnectionError):
             return  # cut off mid-data: a client cannot take that as good
         assert reply.error == NbdErrno.EIO
+
+
+@pytest.mark.parametrize("length", LENGTHS[1:])
+def test_file_cut_under_a_live_mapping(file_server, length):
+    """The engine mapped the file while it was whole; then it was cut short. The pages
+    past the end can no longer be read (EFAULT in the send): the reply must still end
+    with an error at or before the first missing page, and the connection go on."""
+    path, port = file_server
+    offset = CUT_AT - length // 2
+    page_after_cut = -(-CUT_AT // 4096) * 4096  # bytes up to here read as zeroes, no fault
+    with NbdClient.connect(port) as client:
+        client.handshake("disk", structured=True)
+        assert client.read(offset, length).data() == pattern(offset, length)
+        os.truncate(path, CUT_AT)
+        reply = client.read(offset, length)
+        assert not reply.ok
+        (error,) = reply.errors
+        assert error.error == NbdErrno.EIO
+        assert offset <= error.error_offset <= page_after_cut
+        for chunk in reply.chunks:
+            if chunk.type == ReplyType.OFFSET_DATA:
+                good = max(0, min(len(chunk.data), error.error_offset - chunk.data_offset,
+                                  CUT_AT - chunk.data_offset))
+                assert chunk.data[:good] == pattern(chunk.data_offset, good)
+        assert reply.chunks[-1].flags & 1  # DONE ends the reply
+        assert client.read(0, length).data() == pattern(0, length)
+
+
+def test_mapped_reads_release_their_pages(tmp_path, inprocess_server):
+    """Reading a whole image through the mapping must not leave it all resident in the
+    engine: the mapping's pages are dropped every MAP_RELEASE_BYTES."""
+    from nbdcore.backends import sparse_file
+
+    path = tmp_path / "big.raw"
+    size = 4 * sparse_file.MAP_RELEASE_BYTES
+    path.write_bytes(pattern(0, size))
+    backend = SparseFile(path)
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk", structured=True)
+        for offset in range(0, size, MiB):
+            assert client.read(offset, MiB).ok
+    assert _resident_kib(path) * 1024 <= sparse_file.MAP_RELEASE_BYTES + MiB
+
+
+def _resident_kib(path) -> int:
+    """Resident size of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            ours = fields[-1] == str(path)
+        elif ours and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
