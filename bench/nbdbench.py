@@ -301,15 +301,23 @@ def _drain(sock: socket.socket, replies: int) -> None:
         sock.recv(16, socket.MSG_WAITALL)
 
 
-def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+def timed(cmd: list[str], runs: int = 1) -> float:
+    """Seconds ``cmd`` takes; with ``runs`` > 1 the median of that many runs in a row.
+
+    A copy that takes well under a second is measured several times per sample: a single
+    run of it varies by more than the differences between the servers.
+    """
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
     def seqread_nbdcopy(uri: str, image: Path) -> float:
-        return image.stat().st_size / MiB / timed(["nbdcopy", uri, "null:"])
+        return image.stat().st_size / MiB / timed(["nbdcopy", uri, "null:"], runs=3)
 
     def seqread_fio(uri: str, _: Path) -> float:
         job = fio(uri, "--rw=read", "--bs=1M", "--iodepth=8", runtime=runtime)
@@ -321,7 +329,7 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
 
     def seqwrite_nbdcopy(uri: str, image: Path) -> float:
         source = tmp / "source.raw"
-        return source.stat().st_size / MiB / timed(["nbdcopy", str(source), uri])
+        return source.stat().st_size / MiB / timed(["nbdcopy", str(source), uri], runs=3)
 
     def randread16(uri: str, _: Path) -> float:
         return fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", runtime=runtime)[
@@ -336,12 +344,12 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
             "write"]["iops"]
 
     def sparse_nbdcopy(uri: str, _: Path) -> float:
-        return timed(["nbdcopy", uri, "null:"])
+        return timed(["nbdcopy", uri, "null:"], runs=5)
 
     def sparse_convert(uri: str, _: Path) -> float:
         out = tmp / "convert-out.raw"
         try:
-            return timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)])
+            return timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)], runs=5)
         finally:
             out.unlink(missing_ok=True)
 
@@ -351,7 +359,8 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
         return CURRENT_SERVER[0].rss_kib() / 1024
 
     def seqread_nbdcopy_tls(uri: str, image: Path) -> float:
-        return image.stat().st_size / MiB / timed(["nbdcopy", TLS[0].uri(uri), "null:"])
+        return image.stat().st_size / MiB / timed(["nbdcopy", TLS[0].uri(uri), "null:"],
+                                                              runs=3)
 
     def randread16_tls(uri: str, _: Path) -> float:
         return fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", runtime=runtime,
@@ -418,9 +427,10 @@ def fmt(value: float, unit: str) -> str:
 def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
     names = [s.name for s in SERVERS]
     lines = [
-        f"Medians of {rounds} interleaved rounds; ratio = nbdcore / peer, oriented so that "
-        "> 1.00 means nbdcore is better; \"appliance\" is the same engine run by the "
-        "appliance's engine runner with live metrics to Redis. TLS rows: TLS required "
+        f"Medians of {rounds} interleaved rounds (a sample of an nbdcopy or qemu-img row is "
+        "itself the median of 3 runs, 5 for the sparse rows); ratio = nbdcore / peer, "
+        "oriented so that > 1.00 means nbdcore is better; \"appliance\" is the same engine "
+        "run by the appliance's engine runner with live metrics to Redis. TLS rows: TLS required "
         "(nbdcore --tls required, nbdkit --tls=require, qemu-nbd tls-creds-x509), no client "
         "certificate; servers without TLS in the benchmark show -.",
         "",
