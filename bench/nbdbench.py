@@ -497,6 +497,9 @@ def main() -> int:
                 for server in SERVERS:
                     if w.tls and server.tls_argv is None:
                         continue
+                    # Write back what earlier samples dirtied, so the kernel's flusher
+                    # does not land in the middle of this one.
+                    os.sync()
                     uri = server.start(images[w.image], pin=w.pin,
                                        tls=TLS[0].server_dir if w.tls else None)
                     CURRENT_SERVER[:] = [server]
