@@ -10,6 +10,7 @@ always be the file's, and a missing tail must never come back as a successful re
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from nbdclient import NbdClient, ServerClosed, pattern
@@ -129,7 +130,7 @@ def test_mapped_reads_release_their_pages(tmp_path, inprocess_server):
 def _resident_kib(path) -> int:
     """Resident size of this process's mappings of ``path`` (from /proc/self/smaps)."""
     total, ours = 0, False
-    for line in open("/proc/self/smaps"):
+    for line in Path("/proc/self/smaps").read_text().splitlines():
         fields = line.split()
         if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
             ours = fields[-1] == str(path)
