@@ -13,11 +13,13 @@ from ``sendmsg``; the rest of that chunk is sent as zeroes and an error chunk fo
 Other backends, and TLS, read into a reused buffer with ``preadv``. WRITE payloads are
 written straight from the receive buffer.
 
-Operations that wait on the disk for durability (FLUSH, the sync of a FUA write) go to a
-small shared pool so they do not stall the other requests of their connection; their
-replies come back through a per-connection queue and an eventfd, and only the connection
-thread ever writes to its socket. Replies therefore go out as requests complete, which
-is not always the order they came in.
+Operations that wait on the disk (FLUSH, the sync of a FUA write, and reads of data the
+page cache does not hold) go to a small shared pool so they do not stall the other
+requests of their connection; their replies come back through a per-connection queue and
+an eventfd, and only the connection thread ever writes to its socket. Replies therefore
+go out as requests complete, which is not always the order they came in. Whether a read
+would wait is asked without waiting: small reads use ``RWF_NOWAIT``, single-extent reads
+from the mapping ``cachestat`` (Linux 6.5+; older kernels read them inline).
 
 TLS: after STARTTLS the connection reads and writes through a ``TlsStream`` (memory BIOs
 over the same socket) and the same loop runs over it: one receive takes every TLS record
@@ -78,6 +80,7 @@ OFFLOAD_READ_MIN = 512 * 1024  # single-piece reads from here are read in the po
 READ_BUFFERS = 4  # per connection, for reads done in the pool
 MAX_QUEUED_OUT = 1 << 20  # reply bytes queued before they are sent
 MAX_OFFLOADED = 64  # pool jobs in flight per connection
+COLD_BYTES = 4 << 20  # per connection, reads of uncached data in flight in the pool
 IOV_MAX = 1024
 ERROR_PROBE = 4096  # granularity of the search for the first failing byte of a read
 TLS_JOIN = 16 * 1024  # replies smaller than a TLS record are joined before encryption
@@ -318,6 +321,7 @@ class _Connection:
         self._lent_buffers: list[memoryview] = []
         self._buffers_made = 0
         self._pending = 0
+        self._cold_bytes = 0  # bytes of pool reads of uncached data in flight
         self._efd = -1
         self._closed_lock = threading.Lock()
         self._closed = False
@@ -761,9 +765,16 @@ class _Connection:
             extents = backend.extents(offset, length, 1)
             if len(extents) != 1 or extents[0][2] or extents[0][1] != length:
                 return False
-            data = backend.pread(offset, length)
+            data = self._pread_cached(backend, offset, length)
         except OSError:
             return False
+        if data is None:  # the disk would have to be read: not on this thread
+            if self._offload_cold_read(req, t0, backend):
+                return True
+            try:
+                data = backend.pread(offset, length)
+            except OSError:
+                return False
         header = self.tx.data_chunk_header(req, offset, length, done=True)  # type: ignore[union-attr]
         self._out += (header, data)
         self._out_bytes += len(header) + length
@@ -778,7 +789,11 @@ class _Connection:
         assert tx is not None
         fd = backend.read_fd()
         if fd is None or req.length < LARGE_READ:
-            data = backend.pread(req.offset, req.length)
+            data = self._pread_cached(backend, req.offset, req.length)
+            if data is None:
+                if self._offload_cold_read(req, t0, backend):
+                    return
+                data = backend.pread(req.offset, req.length)
             self._queue(tx.read_simple_header(req), t0)
             self._queue_data(data)
         elif req.length <= READ_PIECE:
@@ -823,16 +838,16 @@ class _Connection:
         covered = sum(e.length for e in extents)
         if covered < req.length:  # anything undescribed is read as data
             extents.append(Extent(req.offset + covered, req.length - covered, 0))
-        if (
-            len(extents) == 1
-            and not extents[0].is_hole
-            and OFFLOAD_READ_MIN <= req.length <= READ_PIECE
-            and not self.use_sendfile
-            and not self._maps(backend)
-        ):
-            fd = backend.read_fd()
-            if fd is not None and self._offload_read(req, t0, fd):
-                return
+        if len(extents) == 1 and not extents[0].is_hole and not self.use_sendfile:
+            if self._maps(backend):
+                cached = getattr(backend, "cached", None)
+                if (cached is not None and cached(req.offset, req.length) is False
+                        and self._offload_cold_read(req, t0, backend)):
+                    return
+            elif OFFLOAD_READ_MIN <= req.length <= READ_PIECE:
+                fd = backend.read_fd()
+                if fd is not None and self._offload_read(req, t0, fd):
+                    return
         self._timed.append(t0)
         last_index = len(extents) - 1
         for index, extent in enumerate(extents):
@@ -927,6 +942,12 @@ class _Connection:
         self._flush()  # the buffer is reused by the next read
         self.stats.bytes_read += length
         return True
+
+    @staticmethod
+    def _pread_cached(backend: Backend, offset: int, length: int) -> bytes | bytearray | None:
+        """The bytes, or None if reading them would wait for the disk."""
+        nowait = getattr(backend, "pread_nowait", None)
+        return nowait(offset, length) if nowait is not None else backend.pread(offset, length)
 
     def _maps(self, backend: Backend) -> bool:
         """Whether large reads go out as views of the file's mapping (never through TLS:
@@ -1188,6 +1209,33 @@ class _Connection:
 
         self._submit(job)
 
+    def _offload_cold_read(self, req: wire.Request, t0: int, backend: Backend) -> bool:
+        """Read a range the page cache does not hold in the pool, so that waiting for the
+        disk does not hold up the connection's other requests. False (the caller reads
+        inline) for reads over READ_PIECE or beyond COLD_BYTES already in flight."""
+        length = req.length
+        if length > READ_PIECE or self._cold_bytes + length > COLD_BYTES:
+            return False
+        self._cold_bytes += length
+        tx = self.tx
+        assert tx is not None
+
+        def job() -> _Done:
+            try:
+                data = backend.pread(req.offset, length)
+            except OSError as exc:  # good bytes before the failure are not worth a probe here
+                error = BackendFailure(str(exc), nbd_errno(exc, req.flags), offset=req.offset)
+                return _Done([tx.reply_error(req, error)], t0, error_name=error.errno.name,
+                             cold_bytes=length)
+            if tx.structured:
+                head = tx.data_chunk_header(req, req.offset, length, done=True)
+            else:
+                head = tx.read_simple_header(req)
+            return _Done([head, data], t0, bytes_read=length, cold_bytes=length)
+
+        self._submit(job)
+        return True
+
     def _offload_read(self, req: wire.Request, t0: int, fd: int) -> bool:
         """Read a large single-piece range in the pool while this thread keeps sending.
 
@@ -1240,6 +1288,7 @@ class _Connection:
             self._timed.append(done.t0)
             if done.buffer is not None:
                 self._lent_buffers.append(done.buffer)  # free again once sent
+            self._cold_bytes -= done.cold_bytes
 
     def _wait_done(self) -> None:
         """Block until at least one offloaded job finished, and queue its reply."""
@@ -1266,7 +1315,7 @@ class _Connection:
 class _Done:
     """A finished pool job: reply parts to send, and what to account once they are queued."""
 
-    __slots__ = ("buffer", "bytes_read", "error_name", "parts", "t0")
+    __slots__ = ("buffer", "bytes_read", "cold_bytes", "error_name", "parts", "t0")
 
     def __init__(
         self,
@@ -1276,8 +1325,10 @@ class _Done:
         error_name: str | None = None,
         bytes_read: int = 0,
         buffer: memoryview | None = None,
+        cold_bytes: int = 0,
     ) -> None:
         self.parts = parts
+        self.cold_bytes = cold_bytes
         self.t0 = t0
         self.error_name = error_name
         self.bytes_read = bytes_read

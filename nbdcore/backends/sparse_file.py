@@ -28,6 +28,21 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+SYS_CACHESTAT = 451  # the same number on every architecture; Linux 6.5 and later
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
@@ -62,6 +77,8 @@ class SparseFile:
         self._map: _FileMap | None = None
         self._map_lock = threading.Lock()
         self._mappable = map_reads  # off: large reads go through a buffer (see server.py)
+        self._can_cachestat = True
+        self._can_nowait = True
         writable = not read_only
         self.caps = Capabilities(
             can_write=writable,
@@ -114,6 +131,37 @@ class SparseFile:
             if current is not None:
                 current.close()  # views still in flight keep the old pages mapped
             return self._map
+
+    def cached(self, offset: int, length: int) -> bool | None:
+        """Whether every page of the range is in the page cache, so reading it will not
+        wait for the disk; None when the kernel cannot tell (cachestat needs Linux 6.5)."""
+        if not self._can_cachestat:
+            return None
+        first = offset // PAGE_SIZE
+        pages = -(-(offset + length) // PAGE_SIZE) - first
+        stat = _CacheStat()
+        span = _CacheStatRange(first * PAGE_SIZE, pages * PAGE_SIZE)
+        if _syscall(SYS_CACHESTAT, self.fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+            self._can_cachestat = False  # ENOSYS, or a file system without a page cache
+            return None
+        return stat.nr_cache >= pages
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        """``pread`` if the page cache holds the whole range, else None (the caller reads
+        it where waiting for the disk stalls nobody)."""
+        if not self._can_nowait:
+            return self.pread(offset, length)
+        data = bytearray(length)
+        try:
+            got = os.preadv(self.fd, [data], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._can_nowait = False  # this file system cannot promise not to wait
+            return self.pread(offset, length)
+        return data if got == length else None  # partly cached, or a short file
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
