@@ -26,6 +26,8 @@ NBD_TLS_MODE               off | optional | required: STARTTLS refused, offered,
 NBD_HANDSHAKE_TIMEOUT      seconds a client has to finish negotiating (default 10)
 NBD_MAX_CONNECTIONS        connections the engine accepts at once (default 1024)
 NBD_MAX_OPTION_LENGTH      largest option payload a client may send (default 64K; 8K-16M)
+NBD_SPIN_US                microseconds an idle connection polls for its next request
+                           before sleeping, while at most 2 are open (default 50; 0: never)
 APPLIANCE_TLS_DIR          where the engine's certificates, key, CRL and PSK file are written
                            (default var/tls)
 APPLIANCE_TLS_SERVER_NAMES extra names and addresses of the server certificate, comma
@@ -177,6 +179,7 @@ NBD_HANDSHAKE_TIMEOUT = env_number("NBD_HANDSHAKE_TIMEOUT", 10.0, minimum=0.1, m
 NBD_MAX_CONNECTIONS = env_number("NBD_MAX_CONNECTIONS", 1024, minimum=1, maximum=1_000_000)
 NBD_MAX_OPTION_LENGTH = env_number("NBD_MAX_OPTION_LENGTH", 65536, minimum=8 << 10,
                                    maximum=16 << 20, size=True)
+NBD_SPIN_US = env_number("NBD_SPIN_US", 50, minimum=0, maximum=10_000)
 # The appliance's CA and server certificate live in the database (see appliance.pki);
 # the engine reads the copies written here.
 APPLIANCE_TLS_DIR = Path(os.environ.get("APPLIANCE_TLS_DIR") or VAR_DIR / "tls")

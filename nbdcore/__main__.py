@@ -26,7 +26,7 @@ from .backends import SparseFile
 from .exports import TLS_POLICIES, Export, ExportRegistry
 from .protocol.constants import DEFAULT_PORT
 from .protocol.handshake import MAX_OPTION_LENGTH, TLS_MODES
-from .server import NbdServer
+from .server import SPIN_US, NbdServer
 from .tls import TlsConfigError, TlsSettings, server_context
 
 
@@ -56,7 +56,7 @@ _IMAGE_OPTIONS = {
 _VALUE_OPTIONS = {
     "--bind", "-b", "--port", "-p", "--handshake-timeout", "--max-connections", "--workers", "-w",
     "--tls", "--tls-certificates", "--tls-cert", "--tls-key", "--tls-ca", "--tls-crl",
-    "--tls-psk-file", "--max-option-length",
+    "--tls-psk-file", "--max-option-length", "--spin-us",
 }
 
 
@@ -113,6 +113,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--sendfile", action="store_true",
                        help="send large reads with sendfile (cheaper for this server, "
                             "dearer for a receiver on the same machine)")
+    serve.add_argument("--spin-us", type=int, default=SPIN_US, metavar="US",
+                       help="how long an idle connection polls for the next request "
+                            "before sleeping, while at most 2 connections are open "
+                            f"(default {SPIN_US}; 0: never)")
     serve.add_argument("--verbose", "-v", action="count", default=0)
     return parser, serve
 
@@ -251,6 +255,7 @@ def _serve(args: argparse.Namespace, port: int, stop: threading.Event, *,
     server = NbdServer(registry, host=args.bind, port=port,
                        handshake_timeout_s=args.handshake_timeout,
                        max_connections=args.max_connections, use_sendfile=args.sendfile,
+                       spin_us=args.spin_us,
                        reuse_port=several, tls_context=args.tls_context,
                        tls_mode=args.tls if args.tls_context is not None else "off",
                        max_option_length=args.max_option_length)

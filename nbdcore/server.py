@@ -84,6 +84,8 @@ COLD_BYTES = 4 << 20  # per connection, reads of uncached data in flight in the 
 IOV_MAX = 1024
 ERROR_PROBE = 4096  # granularity of the search for the first failing byte of a read
 TLS_JOIN = 16 * 1024  # replies smaller than a TLS record are joined before encryption
+SPIN_US = 50  # default: how long an idle connection polls before it sleeps in recv
+SPIN_MAX_CONNECTIONS = 2  # beyond this many connections nobody polls: the CPU is shared
 # Plain ints for the hot path: IntEnum/IntFlag arithmetic costs microseconds per request.
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
 _TRIM, _CACHE, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
@@ -136,6 +138,7 @@ class NbdServer:
         max_connections: int = 1024,
         pool_workers: int = 4,
         use_sendfile: bool = False,
+        spin_us: int = SPIN_US,
         reuse_port: bool = False,
         tls_context: ssl.SSLContext | None = None,
         tls_mode: str | None = None,
@@ -150,6 +153,10 @@ class NbdServer:
         # sendfile saves the server a copy but costs a loopback receiver more than that;
         # measured both ways in bench/ (see README), the buffered copy is the default.
         self.use_sendfile = use_sendfile
+        # Waking a thread asleep in recv costs more than a client that sends one request
+        # at a time takes to send the next: poll for that long first (0: never). Only
+        # while few connections are open, so that polling never takes a busy CPU.
+        self.spin_ns = spin_us * 1000
         # Several processes may listen on one port (SO_REUSEPORT): see --workers.
         self.reuse_port = reuse_port
         self.max_option_length = max_option_length
@@ -540,13 +547,39 @@ class _Connection:
                     start, end = 0, end - start
                 if self._pending:
                     self._wait_readable()
-                n = sock.recv_into(view[end:])
+                    n = sock.recv_into(view[end:])
+                elif self._may_spin():
+                    n = self._recv_spinning(view[end:])
+                else:
+                    n = sock.recv_into(view[end:])
                 if not n:
                     self._finish_pending()
                     return "client closed the connection"
                 end += n
         finally:
             view.release()
+
+    def _may_spin(self) -> bool:
+        server = self.server
+        return (server.spin_ns > 0 and not self.tls
+                and len(server._connections) <= SPIN_MAX_CONNECTIONS)
+
+    def _recv_spinning(self, target: memoryview) -> int:
+        """Poll the socket for up to ``spin_ns`` before sleeping in recv.
+
+        A client with one request in flight (qemu-img asking block status extent by
+        extent, a VM at iodepth 1) sends the next one within tens of microseconds of our
+        reply; catching it awake saves the sleep and the wake-up, which on this machine
+        took a block status round trip from about 95 to 50 us.
+        """
+        sock = self.sock
+        deadline = time.perf_counter_ns() + self.server.spin_ns
+        while time.perf_counter_ns() < deadline:
+            try:
+                return sock.recv_into(target, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        return sock.recv_into(target)
 
     def _wait_readable(self) -> None:
         """With jobs in the pool, wait for either the socket or a finished job."""

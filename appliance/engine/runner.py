@@ -37,6 +37,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="connections accepted at once; more are closed at once")
     parser.add_argument("--max-option-length", type=int, default=65536, metavar="BYTES",
                         help="largest option payload a client may send")
+    parser.add_argument("--spin-us", type=int, default=50, metavar="US",
+                        help="how long an idle connection polls before sleeping (0: never)")
     parser.add_argument("--no-database", action="store_true",
                         help="do not record sessions and samples (Redis live values only)")
     return parser.parse_args(argv)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     server = NbdServer(registry, host=args.bind, port=args.port, observer=metrics,
                        handshake_timeout_s=args.handshake_timeout,
                        max_connections=args.max_connections,
-                       max_option_length=args.max_option_length)
+                       max_option_length=args.max_option_length, spin_us=args.spin_us)
     try:
         server.start()
     except OSError as exc:

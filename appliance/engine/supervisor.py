@@ -36,6 +36,7 @@ class EngineSupervisor:
         handshake_timeout_s: float = 10.0,
         max_connections: int = 1024,
         max_option_length: int = 65536,
+        spin_us: int = 50,
     ) -> None:
         self.node = node
         self.bind = bind
@@ -44,6 +45,7 @@ class EngineSupervisor:
         self.handshake_timeout_s = handshake_timeout_s
         self.max_connections = max_connections
         self.max_option_length = max_option_length
+        self.spin_us = spin_us
         self.stale_after_s = stale_after_s
         self.drain_timeout_s = drain_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
@@ -58,7 +60,8 @@ class EngineSupervisor:
                 "--bind", self.bind, "--port", str(self.port), "--redis-url", self.redis_url,
                 "--handshake-timeout", str(self.handshake_timeout_s),
                 "--max-connections", str(self.max_connections),
-                "--max-option-length", str(self.max_option_length)]
+                "--max-option-length", str(self.max_option_length),
+                "--spin-us", str(self.spin_us)]
 
     def start(self) -> None:
         self._spawn()
@@ -246,6 +249,7 @@ def install_worker_step(app: Any) -> None:
                     handshake_timeout_s=float(getattr(settings, "NBD_HANDSHAKE_TIMEOUT", 10.0)),
                     max_connections=int(getattr(settings, "NBD_MAX_CONNECTIONS", 1024)),
                     max_option_length=int(getattr(settings, "NBD_MAX_OPTION_LENGTH", 65536)),
+                    spin_us=int(getattr(settings, "NBD_SPIN_US", 50)),
                 )
 
         def start(self, worker: Any) -> None:

@@ -185,10 +185,10 @@ def test_a_real_refusal_becomes_a_row(inprocess_server) -> None:
 def test_the_supervisor_passes_the_engine_limits() -> None:
     supervisor = EngineSupervisor(node="n", bind="127.0.0.1", port=1, redis_url="redis://x",
                                   handshake_timeout_s=2.5, max_connections=64,
-                                  max_option_length=8192)
+                                  max_option_length=8192, spin_us=0)
     command = supervisor.command()
     for option, value in [("--handshake-timeout", "2.5"), ("--max-connections", "64"),
-                          ("--max-option-length", "8192")]:
+                          ("--max-option-length", "8192"), ("--spin-us", "0")]:
         assert command[command.index(option) + 1] == value
 
 
@@ -196,6 +196,7 @@ def test_the_runner_accepts_the_limits(tmp_path: Path) -> None:
     from appliance.engine.runner import _parse
 
     args = _parse(["--node", "n", "--redis-url", "redis://x", "--handshake-timeout", "1.5",
-                   "--max-connections", "9", "--max-option-length", "4096"])
-    assert (args.handshake_timeout, args.max_connections, args.max_option_length) == (
-        1.5, 9, 4096)
+                   "--max-connections", "9", "--max-option-length", "4096",
+                   "--spin-us", "0"])
+    assert (args.handshake_timeout, args.max_connections, args.max_option_length,
+            args.spin_us) == (1.5, 9, 4096, 0)
