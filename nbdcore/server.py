@@ -903,7 +903,8 @@ class _Connection:
     ) -> bool:
         """Send [offset, offset+length) as OFFSET_DATA; False if an error chunk ended the reply.
 
-        ``split`` allows several chunks (not for DF). Large reads of a file go through the
+        ``split`` allows several chunks (not for DF). Large reads of a file are sent from
+        its mapping; without one (TLS, a backend that cannot map) they go through the
         connection's reusable buffer, or ``sendfile`` when the server was asked to use it.
         """
         tx = self.tx
