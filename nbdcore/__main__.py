@@ -267,7 +267,10 @@ def _serve(args: argparse.Namespace, port: int, stop: threading.Event, *,
         return 1
     if announce:
         print(f"listening on {host}:{bound}", flush=True)
-    stop.wait()
+    # Not a bare wait(): the handler's set() can land between wait() reading the flag and
+    # going to sleep (the handler runs in this very thread), and that wake-up is lost.
+    while not stop.wait(0.2):
+        pass
     server.shutdown()
     for name in registry.names():
         registry.get(name).backend.close()
