@@ -86,13 +86,39 @@ def test_cut_file_simple_read_is_never_a_success(file_server, length):
 
 @pytest.mark.parametrize("length", LENGTHS[1:])
 def test_file_cut_under_a_live_mapping(file_server, length):
-    """The engine mapped the file while it was whole; then it was cut short. The pages
-    past the end can no longer be read (EFAULT in the send): the reply must still end
-    with an error at or before the first missing page, and the connection go on."""
+    """The engine mapped the file while it was whole; then it was cut short under it.
+
+    Whatever path the read takes, it must never come back as a success: an error reply,
+    or (when the pages were found resident, so the data chunk already carried DONE) the
+    end of the connection. The exact error chunk of the EFAULT path is checked below."""
     path, port = file_server
     offset = CUT_AT - length // 2
-    page_after_cut = -(-CUT_AT // 4096) * 4096  # bytes up to here read as zeroes, no fault
     with NbdClient.connect(port) as client:
+        client.handshake("disk", structured=True)
+        assert client.read(offset, length).data() == pattern(offset, length)
+        os.truncate(path, CUT_AT)
+        try:
+            reply = client.read(offset, length)
+        except (ServerClosed, ConnectionError):
+            return
+        assert not reply.ok
+        assert reply.error == NbdErrno.EIO
+
+
+@pytest.mark.parametrize("length", LENGTHS[1:])
+def test_efault_while_sending_from_the_mapping(tmp_path, inprocess_server, length):
+    """Without cachestat the engine cannot know the pages are resident and sends from
+    the mapping with a separate DONE chunk. Cut the file under it: the pages past the end
+    can no longer be read (EFAULT in the send), and the reply must still end with an
+    error at or before the first missing page, the connection going on."""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(pattern(0, SIZE))
+    backend = SparseFile(path)
+    backend._can_cachestat = False  # as on kernels before 6.5
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    offset = CUT_AT - length // 2
+    page_after_cut = -(-CUT_AT // 4096) * 4096  # bytes up to here read as zeroes, no fault
+    with NbdClient.connect(int(server.port)) as client:
         client.handshake("disk", structured=True)
         assert client.read(offset, length).data() == pattern(offset, length)
         os.truncate(path, CUT_AT)
