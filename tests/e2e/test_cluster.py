@@ -213,7 +213,8 @@ def test_moving_an_image_from_node_a_to_node_b_while_a_client_reads_it(cluster: 
     after = qemu_io(uri_b, "read -P 0x5a 8M 3M", "read -P 0xa5 40M 1M", "read -P 0 0 8M")
     assert after.returncode == 0, after.stdout + after.stderr
     assert "Pattern verification failed" not in after.stdout
-    assert not served(uri_a)  # node-a no longer serves it
+    # node-a withdraws it when its engine applies the switch, pushed to it after commit
+    assert wait_until(lambda: not served(uri_a), timeout=20)
     # the old copy is gone from node-a; node-b's copy holds only the data (sparse)
     assert wait_until(lambda: len(node_a.files()) == len(files_a) - 1, timeout=20)
     new_files = [node_b.storage_root / f for f in node_b.files()]
