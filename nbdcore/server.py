@@ -788,7 +788,8 @@ class _Connection:
             self._read_structured(req, t0, backend)
 
     def _read_small(self, req: wire.Request, t0: int, backend: Backend) -> bool:
-        """The common small read of allocated data: one chunk carrying DONE, no detours.
+        """The common small read of allocated data: one chunk carrying DONE (or, when the
+        disk would have to be read, the same reply later from the pool).
 
         False (nothing queued) when the range has holes or the read fails: the general
         path then answers it chunk by chunk, with the precise error offset.
@@ -798,16 +799,11 @@ class _Connection:
             extents = backend.extents(offset, length, 1)
             if len(extents) != 1 or extents[0][2] or extents[0][1] != length:
                 return False
-            data = self._pread_cached(backend, offset, length)
+            data = self._read_here_or_in_pool(req, t0, backend)
         except OSError:
             return False
-        if data is None:  # the disk would have to be read: not on this thread
-            if self._offload_cold_read(req, t0, backend):
-                return True
-            try:
-                data = backend.pread(offset, length)
-            except OSError:
-                return False
+        if data is None:
+            return True
         header = self.tx.data_chunk_header(req, offset, length, done=True)  # type: ignore[union-attr]
         self._out += (header, data)
         self._out_bytes += len(header) + length
@@ -822,11 +818,9 @@ class _Connection:
         assert tx is not None
         fd = backend.read_fd()
         if fd is None or req.length < LARGE_READ:
-            data = self._pread_cached(backend, req.offset, req.length)
+            data = self._read_here_or_in_pool(req, t0, backend)
             if data is None:
-                if self._offload_cold_read(req, t0, backend):
-                    return
-                data = backend.pread(req.offset, req.length)
+                return
             self._queue(tx.read_simple_header(req), t0)
             self._queue_data(data)
         elif req.length <= READ_PIECE:
@@ -981,11 +975,17 @@ class _Connection:
         self.stats.bytes_read += length
         return True
 
-    @staticmethod
-    def _pread_cached(backend: Backend, offset: int, length: int) -> bytes | bytearray | None:
-        """The bytes, or None if reading them would wait for the disk."""
+    def _read_here_or_in_pool(self, req: wire.Request, t0: int,
+                              backend: Backend) -> bytes | bytearray | None:
+        """The bytes of a small read, or None when it went to the pool because the disk
+        would have to be read (its reply is queued when it completes)."""
         nowait = getattr(backend, "pread_nowait", None)
-        return nowait(offset, length) if nowait is not None else backend.pread(offset, length)
+        if nowait is None:
+            return backend.pread(req.offset, req.length)
+        data = nowait(req.offset, req.length)
+        if data is None and not self._offload_cold_read(req, t0, backend):
+            data = backend.pread(req.offset, req.length)  # the pool is full: wait here
+        return data
 
     def _maps(self, backend: Backend) -> bool:
         """Whether large reads go out as views of the file's mapping (never through TLS:
@@ -1273,11 +1273,8 @@ class _Connection:
                 error = BackendFailure(str(exc), nbd_errno(exc, req.flags), offset=req.offset)
                 return _Done([tx.reply_error(req, error)], t0, error_name=error.errno.name,
                              cold_bytes=length)
-            if tx.structured:
-                head = tx.data_chunk_header(req, req.offset, length, done=True)
-            else:
-                head = tx.read_simple_header(req)
-            return _Done([head, data], t0, bytes_read=length, cold_bytes=length)
+            return _Done([_whole_read_head(tx, req), data], t0, bytes_read=length,
+                         cold_bytes=length)
 
         self._submit(job)
         return True
@@ -1313,11 +1310,8 @@ class _Connection:
                 error = BackendFailure(str(exc), nbd_errno(exc, req.flags), offset=at)
                 parts.append(tx.reply_error(req, error))
                 return _Done(parts, t0, error_name=error.errno.name, buffer=buffer)
-            if structured:
-                head = tx.data_chunk_header(req, req.offset, req.length, done=True)
-            else:
-                head = tx.read_simple_header(req)
-            return _Done([head, view], t0, bytes_read=req.length, buffer=buffer)
+            return _Done([_whole_read_head(tx, req), view], t0, bytes_read=req.length,
+                         buffer=buffer)
 
         self._submit(job)
         return True
@@ -1386,6 +1380,13 @@ def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return getattr(exc, "verify_message", None) or exc.reason or str(exc)
     return str(exc) or type(exc).__name__
+
+
+def _whole_read_head(tx: Transmission, req: wire.Request) -> bytes:
+    """The header of a reply that carries all of ``req``'s data in one piece."""
+    if tx.structured:
+        return tx.data_chunk_header(req, req.offset, req.length, done=True)
+    return tx.read_simple_header(req)
 
 
 class _MappedSpan:
