@@ -517,9 +517,17 @@ class _Connection:
         start, end = 0, len(leftover)
         header_size = tx.header_size
         handle = self._handle
+        read_resident = self._resident_reader()
+        plain_read = tx.plain_read
+        t0 = time.perf_counter_ns()
         try:
             while True:
                 while end - start >= header_size:
+                    if read_resident is not None:
+                        plain = plain_read(buf, start, LARGE_READ)
+                        if plain is not None and self._read_plain(plain, read_resident, t0):
+                            start += header_size
+                            continue
                     try:
                         req = tx.decode(buf, start)
                     except RemoteProtocolError:
@@ -556,8 +564,43 @@ class _Connection:
                     self._finish_pending()
                     return "client closed the connection"
                 end += n
+                t0 = time.perf_counter_ns()
         finally:
             view.release()
+
+    def _resident_reader(self) -> Callable[[int, int], bytes | bytearray | None] | None:
+        """What small plain READs use to skip the general path: the backend's reader of
+        cached data known to be allocated, or with simple replies (where a hole is sent
+        as zeroes anyway) of any cached range; None if the backend has no such reader."""
+        backend = self.export.backend  # type: ignore[union-attr]
+        if self.tx.structured:  # type: ignore[union-attr]
+            return getattr(backend, "read_resident", None)
+        return getattr(backend, "pread_nowait", None)
+
+    def _read_plain(self, plain: tuple[int, int, int],
+                    read_resident: Callable[[int, int], bytes | bytearray | None],
+                    t0: int) -> bool:
+        """The short path of the most common request, a small READ of cached data (a
+        VM's or fio's random reads): the same reply as the general path, with a fraction
+        of its work. False, with nothing done, when the data is not known to be there or
+        the read fails; the general path then answers the request, errors included."""
+        cookie, offset, length = plain
+        try:
+            data = read_resident(offset, length)
+        except OSError:
+            return False
+        if data is None:
+            return False
+        header = self.tx.whole_read_header(cookie, offset, length)  # type: ignore[union-attr]
+        self._out += (header, data)
+        self._out_bytes += len(header) + length
+        self._timed.append(t0)
+        stats = self.stats
+        stats.ops[_READ] += 1
+        stats.bytes_read += length
+        if self._out_bytes >= MAX_QUEUED_OUT:
+            self._flush()
+        return True
 
     def _may_spin(self) -> bool:
         server = self.server

@@ -163,6 +163,21 @@ class SparseFile:
             return self.pread(offset, length)
         return data if got == length else None  # partly cached, or a short file
 
+    def read_resident(self, offset: int, length: int) -> bytearray | None:
+        """The bytes of a range inside the run known to hold data, if the page cache has
+        all of them; None when that is not known or they would have to come from the
+        disk. The caller then takes its general path, which looks for holes, reports
+        errors where they are and reads cold data where waiting stalls nobody."""
+        known_start, known_end = self._known_data
+        if offset < known_start or offset + length > known_end or not self._can_nowait:
+            return None
+        data = bytearray(length)
+        try:
+            got = os.preadv(self.fd, [data], offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        return data if got == length else None
+
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) != length:

@@ -48,6 +48,13 @@ _READ, _WRITE, _FLUSH, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FL
 )
 _DISC = int(Cmd.DISC)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+# For plain_read and whole_read_header, which every small read goes through.
+_unpack_request = wire.REQUEST.unpack_from
+_pack_data_chunk = wire.DATA_CHUNK.pack
+_pack_simple_reply = wire.SIMPLE_REPLY.pack
+_REQUEST_MAGIC = wire.REQUEST_MAGIC
+_STRUCTURED_MAGIC = wire.STRUCTURED_REPLY_MAGIC
+_SIMPLE_MAGIC = wire.SIMPLE_REPLY_MAGIC
 _DF, _PAYLOAD_LEN = int(CmdFlag.DF), int(CmdFlag.PAYLOAD_LEN)
 _WRITE_COMMANDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _KNOWN_COMMANDS = frozenset(int(c) for c in Cmd if c is not Cmd.RESIZE)
@@ -156,6 +163,28 @@ class Transmission:
         if self.extended:
             return wire.decode_extended_request(buf, pos)
         return wire.decode_request(buf, pos)
+
+    def plain_read(
+        self, buf: bytes | bytearray | memoryview, pos: int, limit: int
+    ) -> tuple[int, int, int] | None:
+        """(cookie, offset, length) if the request at ``pos`` is a READ without flags of
+        1 to ``limit`` - 1 bytes inside the export: valid as it stands, so it needs
+        neither ``decode`` nor ``validate``. None for any other request (or header
+        form), which then goes the general way and earns its precise error there."""
+        if self.extended:
+            return None
+        magic, flags, cmd, cookie, offset, length = _unpack_request(buf, pos)
+        if (cmd != _READ or flags or magic != _REQUEST_MAGIC or not 0 < length < limit
+                or length > self.max_payload or offset + length > self.size):
+            return None
+        return cookie, offset, length
+
+    def whole_read_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """The header of a reply to a ``plain_read`` that carries all of its ``length``
+        bytes in one piece: a simple reply, or one OFFSET_DATA chunk with DONE."""
+        if self.structured:
+            return _pack_data_chunk(_STRUCTURED_MAGIC, 1, _OFFSET_DATA, cookie, 8 + length, offset)
+        return _pack_simple_reply(_SIMPLE_MAGIC, 0, cookie)
 
     def payload_length(self, req: wire.Request) -> int:
         """Bytes following this header that belong to it; must be consumed in every case."""

@@ -333,6 +333,45 @@ def test_sparse_file_cache_and_sync_succeed(image: tuple[Path, SparseFile]) -> N
     assert backend.pread(MIB - 1, 1) == b"\xff"
 
 
+def test_read_resident_serves_only_the_run_known_to_hold_data(tmp_path: Path) -> None:
+    island = os.urandom(64 * KIB)
+    path = make_sparse_image(tmp_path / "r.img", MIB, {256 * KIB: island})
+    backend = SparseFile(path)
+    try:
+        assert backend.read_resident(256 * KIB, 4096) is None  # nothing looked up yet
+        backend.extents(256 * KIB, 4096)
+        assert backend.read_resident(256 * KIB + 100, 4096) == island[100:4196]
+        assert backend.read_resident(256 * KIB, 64 * KIB) == island
+        assert backend.read_resident(320 * KIB - 4096, 8192) is None  # runs into the hole
+        assert backend.read_resident(0, 4096) is None  # a hole
+        backend.trim(0, 4096)  # a punch anywhere forgets what was known
+        assert backend.read_resident(256 * KIB, 4096) is None
+    finally:
+        backend.close()
+
+
+def test_read_resident_of_a_file_cut_short_is_none(tmp_path: Path) -> None:
+    path = make_sparse_image(tmp_path / "c.img", MIB, {0: b"x" * MIB})
+    backend = SparseFile(path)
+    try:
+        backend.extents(0, 4096)
+        os.truncate(path, 100 * KIB)
+        assert backend.read_resident(96 * KIB, 8192) is None
+        assert backend.read_resident(0, 4) == b"xxxx"
+    finally:
+        backend.close()
+
+
+def test_read_resident_without_the_allocation_cache_is_none(tmp_path: Path) -> None:
+    path = make_sparse_image(tmp_path / "n.img", MIB, {0: b"x" * MIB})
+    backend = SparseFile(path, cache_allocation=False)
+    try:
+        backend.extents(0, 4096)
+        assert backend.read_resident(0, 4096) is None
+    finally:
+        backend.close()
+
+
 def test_truncated_file_read_fails_with_eio(tmp_path: Path) -> None:
     path = make_sparse_image(tmp_path / "t.img", MIB, {0: b"x" * (300 * KIB)})
     backend = SparseFile(path)

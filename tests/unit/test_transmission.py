@@ -758,3 +758,66 @@ def test_nbd_errno_maps_host_errors(host: int | None, flags: int, expected: NbdE
 def test_command_name_of_known_and_unknown_commands() -> None:
     assert command_name(Cmd.WRITE_ZEROES) == "WRITE_ZEROES"
     assert command_name(42) == "UNKNOWN_42"
+
+
+# ------------------------------------------------------------------ the short path of small reads
+
+
+def _header(cmd: int = Cmd.READ, offset: int = 4096, length: int = 4096, flags: int = 0,
+            cookie: int = 9, magic: int = 0x25609513) -> bytes:
+    return struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length)
+
+
+def test_plain_read_takes_a_flagless_read_inside_the_export() -> None:
+    buf = b"\xff" * 5 + _header(offset=8192, length=512, cookie=77)
+    assert make_tx().plain_read(buf, 5, 65536) == (77, 8192, 512)
+
+
+def test_plain_read_reaching_the_last_byte_is_taken() -> None:
+    assert make_tx().plain_read(_header(offset=SIZE - 4096), 0, 65536) == (9, SIZE - 4096, 4096)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        _header(cmd=Cmd.WRITE),
+        _header(cmd=Cmd.BLOCK_STATUS),
+        _header(flags=CmdFlag.DF),
+        _header(flags=CmdFlag.FUA),
+        _header(flags=0x8000),  # unknown flag: the general path says EINVAL
+        _header(length=0),
+        _header(length=65536),  # the limit itself
+        _header(offset=SIZE - 4095),  # one byte past the end
+        _header(offset=U64_MAX - 100),
+        _header(magic=0x12345678),  # the general path calls it a protocol error
+    ],
+    ids=["write", "block-status", "df", "fua", "unknown-flag", "empty", "at-limit", "past-end",
+         "huge-offset", "bad-magic"],
+)
+def test_plain_read_leaves_everything_else_to_the_general_path(header: bytes) -> None:
+    assert make_tx(structured=True).plain_read(header, 0, 65536) is None
+
+
+def test_plain_read_never_applies_to_extended_headers() -> None:
+    header = struct.pack(">IHHQQQ", 0x21E41C71, 0, Cmd.READ, 9, 0, 4096)
+    assert make_tx(extended=True).plain_read(header, 0, 65536) is None
+
+
+def test_plain_read_respects_a_smaller_maximum_payload() -> None:
+    tx = make_tx(block_max=1024)
+    assert tx.plain_read(_header(length=1024), 0, 65536) == (9, 4096, 1024)
+    assert tx.plain_read(_header(length=2048), 0, 65536) is None
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_whole_read_header_equals_the_general_paths_header(structured: bool) -> None:
+    tx = make_tx(structured=structured)
+    request = req(Cmd.READ, 8192, 4096, cookie=5)
+    general = (tx.data_chunk_header(request, 8192, 4096, done=True) if structured
+               else tx.read_simple_header(request))
+    assert tx.whole_read_header(5, 8192, 4096) == general
+
+
+def test_whole_read_header_structured_bytes() -> None:
+    assert make_tx(structured=True).whole_read_header(4, 4096, 4096) == bytes.fromhex(
+        "668e33ef 0001 0001 0000000000000004 00001008 0000000000001000")
