@@ -90,6 +90,7 @@ SPIN_MAX_CONNECTIONS = 2  # beyond this many connections nobody polls: the CPU i
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
 _TRIM, _CACHE, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_PLAIN_HEADER = wire.REQUEST_SIZE  # plain requests are never in extended form
 _FUA, _NO_HOLE, _DF = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.DF)
 _REQ_ONE, _FAST_ZERO = int(CmdFlag.REQ_ONE), int(CmdFlag.FAST_ZERO)
 # sendfile errors that mean the client went away, not the disk
@@ -518,15 +519,16 @@ class _Connection:
         header_size = tx.header_size
         handle = self._handle
         read_resident = self._resident_reader()
-        plain_read = tx.plain_read
+        plain_request = tx.plain_request
         t0 = time.perf_counter_ns()
         try:
             while True:
                 while end - start >= header_size:
-                    if read_resident is not None:
-                        plain = plain_read(buf, start, LARGE_READ)
-                        if plain is not None and self._read_plain(plain, read_resident, t0):
-                            start += header_size
+                    plain = plain_request(buf, start, LARGE_READ)
+                    if plain is not None:
+                        taken = self._plain(plain, read_resident, view, start, end, t0)
+                        if taken:
+                            start += taken
                             continue
                     try:
                         req = tx.decode(buf, start)
@@ -577,14 +579,43 @@ class _Connection:
             return getattr(backend, "read_resident", None)
         return getattr(backend, "pread_nowait", None)
 
-    def _read_plain(self, plain: tuple[int, int, int],
+    def _plain(self, plain: tuple[int, int, int, int],
+               read_resident: Callable[[int, int], bytes | bytearray | None] | None,
+               view: memoryview, start: int, end: int, t0: int) -> int:
+        """The short path of the most common requests, small READs of cached data and
+        small WRITEs whose payload is already in the buffer (a VM's or fio's random I/O):
+        the same reply as the general path, with a fraction of its work. Returns the
+        bytes of the buffer it consumed from ``start``, or 0 with nothing done when it is
+        not sure; the general path then answers the request, errors included."""
+        cmd, cookie, offset, length = plain
+        header_size = _PLAIN_HEADER
+        if cmd == _READ:
+            if read_resident is not None and self._read_plain(
+                    cookie, offset, length, read_resident, t0):
+                return header_size
+            return 0
+        payload_at = start + header_size
+        if end - payload_at < length:
+            return 0  # the payload is still on its way: the general path streams it
+        backend = self.export.backend  # type: ignore[union-attr]
+        try:
+            backend.pwrite(view[payload_at : payload_at + length], offset)
+        except Exception:  # the general path writes it again and says why
+            return 0
+        reply = self.tx.plain_write_reply(cookie)  # type: ignore[union-attr]
+        self._out.append(reply)
+        self._out_bytes += len(reply)
+        self._timed.append(t0)
+        stats = self.stats
+        stats.ops[_WRITE] += 1
+        stats.bytes_written += length
+        return header_size + length
+
+    def _read_plain(self, cookie: int, offset: int, length: int,
                     read_resident: Callable[[int, int], bytes | bytearray | None],
                     t0: int) -> bool:
-        """The short path of the most common request, a small READ of cached data (a
-        VM's or fio's random reads): the same reply as the general path, with a fraction
-        of its work. False, with nothing done, when the data is not known to be there or
-        the read fails; the general path then answers the request, errors included."""
-        cookie, offset, length = plain
+        """A plain READ of cached data. False, with nothing done, when the data is not
+        known to be there or the read fails."""
         try:
             data = read_resident(offset, length)
         except OSError:

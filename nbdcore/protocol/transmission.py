@@ -129,6 +129,7 @@ class Transmission:
         self.extended = negotiated.extended
         self.contexts = negotiated.contexts
         self.max_payload = export.block_max
+        self.read_only = bool(self.flags & TransmissionFlag.READ_ONLY)
         self.header_size = wire.EXTENDED_REQUEST_SIZE if self.extended else wire.REQUEST_SIZE
         self._known_flags = int(_EXTENDED_FLAGS if self.extended else _COMPACT_FLAGS)
         self._fast_flags = self._fast_path_masks()
@@ -164,26 +165,33 @@ class Transmission:
             return wire.decode_extended_request(buf, pos)
         return wire.decode_request(buf, pos)
 
-    def plain_read(
+    def plain_request(
         self, buf: bytes | bytearray | memoryview, pos: int, limit: int
-    ) -> tuple[int, int, int] | None:
-        """(cookie, offset, length) if the request at ``pos`` is a READ without flags of
-        1 to ``limit`` - 1 bytes inside the export: valid as it stands, so it needs
-        neither ``decode`` nor ``validate``. None for any other request (or header
-        form), which then goes the general way and earns its precise error there."""
+    ) -> tuple[int, int, int, int] | None:
+        """(cmd, cookie, offset, length) if the request at ``pos`` is a READ, or a WRITE
+        to a writable export, without flags, of 1 to ``limit`` - 1 bytes inside the
+        export: valid as it stands, so it needs neither ``decode`` nor ``validate``.
+        None for any other request (or header form), which then goes the general way
+        and earns its precise error there."""
         if self.extended:
             return None
         magic, flags, cmd, cookie, offset, length = _unpack_request(buf, pos)
-        if (cmd != _READ or flags or magic != _REQUEST_MAGIC or not 0 < length < limit
-                or length > self.max_payload or offset + length > self.size):
+        if (cmd > _WRITE or flags or magic != _REQUEST_MAGIC or not 0 < length < limit
+                or length > self.max_payload or offset + length > self.size
+                or (cmd == _WRITE and self.read_only)):
             return None
-        return cookie, offset, length
+        return cmd, cookie, offset, length
 
     def whole_read_header(self, cookie: int, offset: int, length: int) -> bytes:
-        """The header of a reply to a ``plain_read`` that carries all of its ``length``
+        """The header of a reply to a plain READ that carries all of its ``length``
         bytes in one piece: a simple reply, or one OFFSET_DATA chunk with DONE."""
         if self.structured:
             return _pack_data_chunk(_STRUCTURED_MAGIC, 1, _OFFSET_DATA, cookie, 8 + length, offset)
+        return _pack_simple_reply(_SIMPLE_MAGIC, 0, cookie)
+
+    @staticmethod
+    def plain_write_reply(cookie: int) -> bytes:
+        """Success of a plain WRITE (never in extended mode): a simple reply."""
         return _pack_simple_reply(_SIMPLE_MAGIC, 0, cookie)
 
     def payload_length(self, req: wire.Request) -> int:

@@ -768,20 +768,33 @@ def _header(cmd: int = Cmd.READ, offset: int = 4096, length: int = 4096, flags: 
     return struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length)
 
 
-def test_plain_read_takes_a_flagless_read_inside_the_export() -> None:
+def test_plain_request_takes_a_flagless_read_inside_the_export() -> None:
     buf = b"\xff" * 5 + _header(offset=8192, length=512, cookie=77)
-    assert make_tx().plain_read(buf, 5, 65536) == (77, 8192, 512)
+    assert make_tx().plain_request(buf, 5, 65536) == (Cmd.READ, 77, 8192, 512)
 
 
-def test_plain_read_reaching_the_last_byte_is_taken() -> None:
-    assert make_tx().plain_read(_header(offset=SIZE - 4096), 0, 65536) == (9, SIZE - 4096, 4096)
+def test_plain_request_takes_a_flagless_write_to_a_writable_export() -> None:
+    header = _header(cmd=Cmd.WRITE, offset=SIZE - 100, length=100)
+    assert make_tx().plain_request(header, 0, 65536) == (Cmd.WRITE, 9, SIZE - 100, 100)
+
+
+def test_plain_request_leaves_a_write_to_a_read_only_export_to_the_general_path() -> None:
+    assert make_tx(read_only=True).plain_request(_header(cmd=Cmd.WRITE), 0, 65536) is None
+    assert make_tx(read_only=True).plain_request(_header(), 0, 65536) == (Cmd.READ, 9, 4096, 4096)
+
+
+def test_plain_request_reaching_the_last_byte_is_taken() -> None:
+    assert make_tx().plain_request(_header(offset=SIZE - 4096), 0, 65536) == (
+        Cmd.READ, 9, SIZE - 4096, 4096)
 
 
 @pytest.mark.parametrize(
     "header",
     [
-        _header(cmd=Cmd.WRITE),
+        _header(cmd=Cmd.FLUSH, length=0),
+        _header(cmd=Cmd.TRIM),
         _header(cmd=Cmd.BLOCK_STATUS),
+        _header(cmd=Cmd.WRITE, flags=CmdFlag.FUA),
         _header(flags=CmdFlag.DF),
         _header(flags=CmdFlag.FUA),
         _header(flags=0x8000),  # unknown flag: the general path says EINVAL
@@ -791,22 +804,22 @@ def test_plain_read_reaching_the_last_byte_is_taken() -> None:
         _header(offset=U64_MAX - 100),
         _header(magic=0x12345678),  # the general path calls it a protocol error
     ],
-    ids=["write", "block-status", "df", "fua", "unknown-flag", "empty", "at-limit", "past-end",
-         "huge-offset", "bad-magic"],
+    ids=["flush", "trim", "block-status", "fua-write", "df", "fua", "unknown-flag", "empty",
+         "at-limit", "past-end", "huge-offset", "bad-magic"],
 )
-def test_plain_read_leaves_everything_else_to_the_general_path(header: bytes) -> None:
-    assert make_tx(structured=True).plain_read(header, 0, 65536) is None
+def test_plain_request_leaves_everything_else_to_the_general_path(header: bytes) -> None:
+    assert make_tx(structured=True).plain_request(header, 0, 65536) is None
 
 
-def test_plain_read_never_applies_to_extended_headers() -> None:
+def test_plain_request_never_applies_to_extended_headers() -> None:
     header = struct.pack(">IHHQQQ", 0x21E41C71, 0, Cmd.READ, 9, 0, 4096)
-    assert make_tx(extended=True).plain_read(header, 0, 65536) is None
+    assert make_tx(extended=True).plain_request(header, 0, 65536) is None
 
 
-def test_plain_read_respects_a_smaller_maximum_payload() -> None:
+def test_plain_request_respects_a_smaller_maximum_payload() -> None:
     tx = make_tx(block_max=1024)
-    assert tx.plain_read(_header(length=1024), 0, 65536) == (9, 4096, 1024)
-    assert tx.plain_read(_header(length=2048), 0, 65536) is None
+    assert tx.plain_request(_header(length=1024), 0, 65536) == (Cmd.READ, 9, 4096, 1024)
+    assert tx.plain_request(_header(length=2048), 0, 65536) is None
 
 
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
@@ -816,6 +829,12 @@ def test_whole_read_header_equals_the_general_paths_header(structured: bool) -> 
     general = (tx.data_chunk_header(request, 8192, 4096, done=True) if structured
                else tx.read_simple_header(request))
     assert tx.whole_read_header(5, 8192, 4096) == general
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_plain_write_reply_equals_the_general_reply_ok(structured: bool) -> None:
+    tx = make_tx(structured=structured)
+    assert tx.plain_write_reply(12) == tx.reply_ok(req(Cmd.WRITE, 0, 512, cookie=12))
 
 
 def test_whole_read_header_structured_bytes() -> None:

@@ -1,14 +1,19 @@
-"""The short path of small READs: a flagless read under 64 KiB of data the backend knows
-is allocated and cached skips the general path, and must answer exactly as it would.
+"""The short path of the commonest requests: a flagless READ under 64 KiB of data the
+backend knows is allocated and cached, and a flagless WRITE under 64 KiB whose payload
+is already in the receive buffer, skip the general path and must answer exactly as it
+would.
 
 Anything the short path is not sure of (a hole, a range never looked up, a page not in
-the page cache, a punched range, a request with flags) goes the general way.
+the page cache, a punched range, a request with flags, a payload still on its way, a
+failing write) goes the general way.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import pytest
 from conftest import make_sparse_image, wait_until
 from nbdclient import NbdClient, pattern
 
-from nbdcore.backends import SparseFile
+from nbdcore.backends import Fault, FaultInjection, SparseFile
 from nbdcore.exports import Export, ExportRegistry
 from nbdcore.protocol.constants import Cmd, CmdFlag, NbdErrno, ReplyType
 
@@ -26,13 +31,14 @@ HOLE_AT = 3 * MiB  # [HOLE_AT, SIZE) is a hole
 
 
 class CountingFile(SparseFile):
-    """A SparseFile that counts the reads the engine's short path got from it, or
-    refuses them all."""
+    """A SparseFile that counts the reads and writes the engine's short path asked of
+    it, or refuses all the reads."""
 
     def __init__(self, path: Path, *, refuse: bool = False) -> None:
         super().__init__(path)
         self.refuse = refuse
-        self.served = 0
+        self.served = 0  # reads
+        self.written = 0
 
     def read_resident(self, offset: int, length: int) -> bytearray | None:
         if self.refuse:  # as if no page were in the page cache
@@ -44,6 +50,11 @@ class CountingFile(SparseFile):
         if self.refuse:
             return None
         return self._count(super().pread_nowait(offset, length))
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        super().pwrite(data, offset)
+        if sys._getframe(1).f_code.co_name == "_plain":
+            self.written += 1
 
     def _count(self, data: bytes | bytearray | None) -> bytes | bytearray | None:
         if data is not None and sys._getframe(2).f_code.co_name == "_read_plain":
@@ -183,3 +194,74 @@ def test_a_file_cut_short_under_the_short_path_fails_the_read(warm, disk):
     os.truncate(disk, MiB)
     assert client.read(MiB - 2048, 4096).error == NbdErrno.EIO  # never zeroes
     assert client.read(0, 4096).data() == pattern(0, 4096)
+
+
+# ------------------------------------------------------------------ writes
+
+
+def test_small_writes_take_the_short_path_and_count(inprocess_server, disk):
+    backend = CountingFile(disk)
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk")
+        for i in range(32):
+            assert client.write(i * 5000, bytes([i]) * 3000).ok
+        (info,) = server.connections()
+        assert backend.written == 32
+        assert info.stats.ops[Cmd.WRITE] == 32
+        assert info.stats.bytes_written == 32 * 3000
+        for i in range(32):
+            assert client.read(i * 5000, 3000).data() == bytes([i]) * 3000
+    with open(disk, "rb") as f:
+        f.seek(31 * 5000)
+        assert f.read(3000) == bytes([31]) * 3000
+
+
+def test_pipelined_writes_and_reads_keep_their_order(warm):
+    backend, client = warm
+    for cookie in range(200):
+        offset = (cookie % 10) * 4096
+        client.send(Cmd.WRITE, offset, 4096, cookie=2 * cookie, payload=bytes([cookie]) * 4096)
+        client.send(Cmd.READ, offset, 4096, cookie=2 * cookie + 1)
+    for cookie in range(200):
+        assert client.wait(2 * cookie).ok
+        assert client.wait(2 * cookie + 1).data() == bytes([cookie]) * 4096
+    assert backend.written == 200
+    assert backend.served == 200
+
+
+def test_a_payload_still_on_its_way_goes_the_general_way(warm):
+    _, client = warm
+    header = struct.pack(">IHHQQI", 0x25609513, 0, Cmd.WRITE, 5, 8192, 4096)
+    client.track(5, Cmd.WRITE, 8192, 4096)
+    client.send_raw(header + b"a" * 1000)
+    time.sleep(0.2)  # the engine takes the header and the first part on their own
+    client.send_raw(b"b" * 3096)
+    assert client.wait(5).ok
+    assert client.read(8192, 4096).data() == b"a" * 1000 + b"b" * 3096
+
+
+def test_fua_writes_go_the_general_way(warm):
+    backend, client = warm
+    assert client.write(0, b"f" * 4096, flags=CmdFlag.FUA).ok
+    assert client.read(0, 4096).data() == b"f" * 4096
+    assert backend.written == 0
+
+
+def test_a_failing_write_gets_the_general_paths_error(inprocess_server, disk):
+    backend = FaultInjection(SparseFile(disk), [Fault("write", offset=MiB, length=4096)])
+    port = serve(inprocess_server, backend)
+    with NbdClient.connect(port) as client:
+        client.handshake("disk")
+        assert client.write(MiB - 100, b"x" * 200).error == NbdErrno.EIO
+        assert client.write(0, b"y" * 200).ok
+        assert client.read(0, 200).data() == b"y" * 200
+
+
+def test_writes_to_a_read_only_export_are_refused(inprocess_server, disk):
+    registry = ExportRegistry([Export("disk", CountingFile(disk), read_only=True)])
+    port = int(inprocess_server(registry).port)
+    with NbdClient.connect(port) as client:
+        client.handshake("disk")
+        assert client.write(0, b"z" * 512).error == NbdErrno.EPERM
+        assert client.read(0, 512).data() == pattern(0, 512)
