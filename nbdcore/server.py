@@ -586,15 +586,29 @@ class _Connection:
         small WRITEs whose payload is already in the buffer (a VM's or fio's random I/O):
         the same reply as the general path, with a fraction of its work. Returns the
         bytes of the buffer it consumed from ``start``, or 0 with nothing done when it is
-        not sure; the general path then answers the request, errors included."""
+        not sure (data not known to be there, a payload still on its way, a failure);
+        the general path then answers the request, errors included."""
         cmd, cookie, offset, length = plain
-        header_size = _PLAIN_HEADER
         if cmd == _READ:
-            if read_resident is not None and self._read_plain(
-                    cookie, offset, length, read_resident, t0):
-                return header_size
-            return 0
-        payload_at = start + header_size
+            if read_resident is None:
+                return 0
+            try:
+                data = read_resident(offset, length)
+            except OSError:
+                return 0
+            if data is None:
+                return 0
+            header = self.tx.whole_read_header(cookie, offset, length)  # type: ignore[union-attr]
+            self._out += (header, data)
+            self._out_bytes += len(header) + length
+            self._timed.append(t0)
+            stats = self.stats
+            stats.ops[_READ] += 1
+            stats.bytes_read += length
+            if self._out_bytes >= MAX_QUEUED_OUT:
+                self._flush()
+            return _PLAIN_HEADER
+        payload_at = start + _PLAIN_HEADER
         if end - payload_at < length:
             return 0  # the payload is still on its way: the general path streams it
         backend = self.export.backend  # type: ignore[union-attr]
@@ -609,29 +623,7 @@ class _Connection:
         stats = self.stats
         stats.ops[_WRITE] += 1
         stats.bytes_written += length
-        return header_size + length
-
-    def _read_plain(self, cookie: int, offset: int, length: int,
-                    read_resident: Callable[[int, int], bytes | bytearray | None],
-                    t0: int) -> bool:
-        """A plain READ of cached data. False, with nothing done, when the data is not
-        known to be there or the read fails."""
-        try:
-            data = read_resident(offset, length)
-        except OSError:
-            return False
-        if data is None:
-            return False
-        header = self.tx.whole_read_header(cookie, offset, length)  # type: ignore[union-attr]
-        self._out += (header, data)
-        self._out_bytes += len(header) + length
-        self._timed.append(t0)
-        stats = self.stats
-        stats.ops[_READ] += 1
-        stats.bytes_read += length
-        if self._out_bytes >= MAX_QUEUED_OUT:
-            self._flush()
-        return True
+        return _PLAIN_HEADER + length
 
     def _may_spin(self) -> bool:
         server = self.server
@@ -1218,11 +1210,22 @@ class _Connection:
             self._free_buffers += self._lent_buffers
             self._lent_buffers.clear()
         if self._timed:
-            now = time.perf_counter_ns()
-            record = self.stats.record_latency
-            for t0 in self._timed:
-                record(now - t0)
-            self._timed.clear()
+            self._record_latencies(self._timed)
+
+    def _record_latencies(self, started: list[int]) -> None:
+        """Account the requests whose replies just went out. The short path gives every
+        request of one receive the same start time, so runs of equal times are counted
+        at once."""
+        now = time.perf_counter_ns()
+        record = self.stats.record_latency
+        run_start, run = started[0], 0
+        for t0 in started:
+            if t0 != run_start:
+                record(now - run_start, run)
+                run_start, run = t0, 0
+            run += 1
+        record(now - run_start, run)
+        started.clear()
 
     def _mapped_fault(self, position: int) -> int:
         """``sendmsg`` met a mapped page it could not read (a failing disk, a file cut

@@ -54,12 +54,14 @@ class ConnectionStats:
     def count_error(self, name: str) -> None:
         self.errors[name] = self.errors.get(name, 0) + 1
 
-    def record_latency(self, elapsed_ns: int) -> None:
+    def record_latency(self, elapsed_ns: int, count: int = 1) -> None:
+        """``count`` requests that each took ``elapsed_ns`` (a batch seen at one time)."""
         micros = elapsed_ns // 1000
-        self.latency_sum_us += micros
-        # bit_length maps 8..15 us to bucket 0, 16..31 to 1, ...; faster than a bisect.
+        self.latency_sum_us += micros * count
+        # bit_length maps 0..7 us to bucket 0, 8..15 to 1, 16..31 to 2, ...; faster than
+        # a bisect.
         bucket = max(0, micros.bit_length() - 3)
-        self.latency[min(bucket, len(self.latency) - 1)] += 1
+        self.latency[min(bucket, len(self.latency) - 1)] += count
 
     def snapshot(self) -> dict[str, Any]:
         ops = {Cmd(i).name: n for i, n in enumerate(self.ops[:-1]) if n}

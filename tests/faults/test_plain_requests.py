@@ -24,6 +24,7 @@ from nbdclient import NbdClient, pattern
 from nbdcore.backends import Fault, FaultInjection, SparseFile
 from nbdcore.exports import Export, ExportRegistry
 from nbdcore.protocol.constants import Cmd, CmdFlag, NbdErrno, ReplyType
+from nbdcore.stats import ConnectionStats
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -57,7 +58,7 @@ class CountingFile(SparseFile):
             self.written += 1
 
     def _count(self, data: bytes | bytearray | None) -> bytes | bytearray | None:
-        if data is not None and sys._getframe(2).f_code.co_name == "_read_plain":
+        if data is not None and sys._getframe(2).f_code.co_name == "_plain":
             self.served += 1
         return data
 
@@ -122,6 +123,16 @@ def test_short_path_counts_like_the_general_path(inprocess_server, disk):
         assert info.stats.ops[Cmd.READ] == 64
         assert info.stats.bytes_read == 64 * 4096
         assert wait_until(lambda: sum(info.stats.latency) == 64)
+
+
+def test_a_batch_sharing_one_start_time_is_counted_per_request():
+    stats = ConnectionStats()
+    stats.record_latency(40_000, 16)  # 16 requests of one receive, 40 us each
+    stats.record_latency(3_000)
+    assert sum(stats.latency) == 17
+    assert stats.latency[3] == 16  # 32..63 us
+    assert stats.latency[0] == 1  # under 8 us
+    assert stats.latency_sum_us == 16 * 40 + 3
 
 
 def test_a_pipelined_batch_is_answered_in_full(warm):
@@ -226,7 +237,8 @@ def test_pipelined_writes_and_reads_keep_their_order(warm):
     for cookie in range(200):
         assert client.wait(2 * cookie).ok
         assert client.wait(2 * cookie + 1).data() == bytes([cookie]) * 4096
-    assert backend.written == 200
+    # A payload split across two receives goes the general way; the rest are short.
+    assert 0 < backend.written <= 200
     assert backend.served == 200
 
 
