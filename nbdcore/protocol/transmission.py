@@ -48,7 +48,7 @@ _READ, _WRITE, _FLUSH, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FL
 )
 _DISC = int(Cmd.DISC)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
-# For plain_read and whole_read_header, which every small read goes through.
+# For plain_request and whole_read_header, which every small request goes through.
 _unpack_request = wire.REQUEST.unpack_from
 _pack_data_chunk = wire.DATA_CHUNK.pack
 _pack_simple_reply = wire.SIMPLE_REPLY.pack
@@ -176,6 +176,7 @@ class Transmission:
         if self.extended:
             return None
         magic, flags, cmd, cookie, offset, length = _unpack_request(buf, pos)
+        # cmd > _WRITE: anything but READ (0) and WRITE (1).
         if (cmd > _WRITE or flags or magic != _REQUEST_MAGIC or not 0 < length < limit
                 or length > self.max_payload or offset + length > self.size
                 or (cmd == _WRITE and self.read_only)):
