@@ -195,6 +195,7 @@ SERVERS = [
     Server("nbdcore", nbdcore_argv(), tls_argv=nbdcore_tls_argv()),
     Server("nbdcore-w2", nbdcore_argv("--workers", "2"),
            tls_argv=nbdcore_tls_argv("--workers", "2")),
+    Server("nbdcore-nosplice", nbdcore_argv("--no-splice")),
     Server("appliance", APPLIANCE_ENGINE.argv, prepare=APPLIANCE_ENGINE.prepare,
            ready=APPLIANCE_ENGINE.ready),
     Server("nbdkit", nbdkit_argv, tls_argv=nbdkit_tls_argv),
@@ -470,7 +471,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="256 MiB image, 2 s fio jobs")
     parser.add_argument("--only", default="", help="comma-separated workload names")
     parser.add_argument("--servers", default="nbdcore,appliance,nbdkit,qemu-nbd",
-                        help="any of nbdcore, nbdcore-w2 (--workers 2), appliance (the "
+                        help="any of nbdcore, nbdcore-w2 (--workers 2), nbdcore-nosplice "
+                             "(--no-splice), appliance (the "
                              "engine under the appliance's runner, metrics on), nbdkit, "
                              "qemu-nbd")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.md"))

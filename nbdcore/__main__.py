@@ -113,6 +113,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--sendfile", action="store_true",
                        help="send large reads with sendfile (cheaper for this server, "
                             "dearer for a receiver on the same machine)")
+    serve.add_argument("--no-splice", action="store_true",
+                       help="copy large WRITE payloads through a buffer instead of "
+                            "splicing them from the socket into the file (to measure it)")
     serve.add_argument("--spin-us", type=int, default=SPIN_US, metavar="US",
                        help="how long an idle connection polls for the next request "
                             "before sleeping, while at most 2 connections are open "
@@ -255,7 +258,7 @@ def _serve(args: argparse.Namespace, port: int, stop: threading.Event, *,
     server = NbdServer(registry, host=args.bind, port=port,
                        handshake_timeout_s=args.handshake_timeout,
                        max_connections=args.max_connections, use_sendfile=args.sendfile,
-                       spin_us=args.spin_us,
+                       use_splice=not args.no_splice, spin_us=args.spin_us,
                        reuse_port=several, tls_context=args.tls_context,
                        tls_mode=args.tls if args.tls_context is not None else "off",
                        max_option_length=args.max_option_length)

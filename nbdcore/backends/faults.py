@@ -39,6 +39,10 @@ class FaultInjection:
         self.size = inner.size
         self.caps = inner.caps
         self.faults = list(faults or [])
+        # Splicing is the engine's way of writing only into backends that offer it: the
+        # wrapper offers it where the inner backend does, so faults reach both paths.
+        if hasattr(inner, "splice_in"):
+            self.splice_in = self._splice_in
 
     def _check(self, op: str, offset: int, length: int) -> None:
         for fault in self.faults:
@@ -56,6 +60,10 @@ class FaultInjection:
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._check("write", offset, len(data))
         self.inner.pwrite(data, offset)
+
+    def _splice_in(self, pipe: int, offset: int, count: int) -> None:
+        self._check("write", offset, count)
+        self.inner.splice_in(pipe, offset, count)  # type: ignore[attr-defined]
 
     def sync(self) -> None:
         self._check("sync", 0, 1)

@@ -372,6 +372,48 @@ def test_read_resident_without_the_allocation_cache_is_none(tmp_path: Path) -> N
         backend.close()
 
 
+def test_splice_in_moves_pipe_bytes_to_the_offset_and_fails_when_they_run_out(
+        tmp_path: Path) -> None:
+    path = make_sparse_image(tmp_path / "s.img", MIB)
+    backend = SparseFile(path)
+    read_end, write_end = os.pipe()
+    try:
+        data = os.urandom(60 * KIB)
+        os.write(write_end, data)
+        backend.splice_in(read_end, 300 * KIB + 7, len(data))
+        assert backend.pread(300 * KIB + 7, len(data)) == data
+        assert os.lseek(backend.fd, 0, os.SEEK_CUR) == 0  # positioned writes only
+        os.write(write_end, b"tail")
+        os.close(write_end)
+        write_end = -1
+        with pytest.raises(OSError, match="pipe ran dry") as failure:  # 4 there, 10 promised
+            backend.splice_in(read_end, 0, 10)
+        assert failure.value.errno == errno.EIO
+        assert backend.pread(0, 4) == b"tail"
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+        backend.close()
+
+
+def test_fault_injection_offers_splice_in_only_over_a_backend_that_has_it(
+        tmp_path: Path) -> None:
+    path = make_sparse_image(tmp_path / "f.img", MIB)
+    over_file = FaultInjection(SparseFile(path), [Fault("write", offset=4096, length=1)])
+    assert not hasattr(FaultInjection(MemoryBackend(MIB)), "splice_in")
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"z" * 8192)
+        over_file.splice_in(read_end, 0, 4096)
+        with pytest.raises(OSError, match="injected"):
+            over_file.splice_in(read_end, 4000, 4096)  # crosses the faulty byte
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        over_file.close()
+
+
 def test_truncated_file_read_fails_with_eio(tmp_path: Path) -> None:
     path = make_sparse_image(tmp_path / "t.img", MIB, {0: b"x" * (300 * KIB)})
     backend = SparseFile(path)
