@@ -91,8 +91,6 @@ SPLICE_MIN = 64 * 1024  # WRITE payload bytes still in the socket from which the
 DEFER_REPLIES = 8  # replies of spliced WRITEs that may wait to be sent together
 PIPE_SIZE = 1 << 20  # asked for the splice pipe; the kernel may give less (pipe-max-size)
 PIPE_MIN = 256 * 1024  # a smaller pipe (a user over the pipe quota) costs more than it saves
-F_SETPIPE_SZ = 1031
-F_GETPIPE_SZ = 1032
 # Plain ints for the hot path: IntEnum/IntFlag arithmetic costs microseconds per request.
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
 _TRIM, _CACHE, _WRITE_ZEROES = int(Cmd.TRIM), int(Cmd.CACHE), int(Cmd.WRITE_ZEROES)
@@ -769,10 +767,10 @@ class _Connection:
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(read_end, False)  # only ever read when it holds data
             try:
-                fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:  # over pipe-max-size or the user's pipe quota: a smaller pipe
                 pass
-            self._pipe_size = fcntl.fcntl(write_end, F_GETPIPE_SZ)
+            self._pipe_size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
             self._pipe = (read_end, write_end)
         return splice_in if self._pipe_size >= PIPE_MIN else None
 
