@@ -739,11 +739,8 @@ class _Connection:
             if error is None:
                 try:
                     backend.pwrite(view[start : start + piece], offset)
-                except OSError as exc:
-                    error = BackendFailure(str(exc), nbd_errno(exc), offset=offset)
                 except Exception as exc:
-                    log.exception("backend write failed for %s", self.info.peer)
-                    error = BackendFailure(str(exc), NbdErrno.EIO, offset=offset)
+                    error = self._write_failure(exc, offset)
             start += piece
             offset += piece
             remaining -= piece
@@ -790,12 +787,17 @@ class _Connection:
                 splice_in(read_end, offset + taken, moved)
             except Exception as exc:
                 self._empty_pipe(read_end)
-                if not isinstance(exc, OSError):
-                    log.exception("backend write failed for %s", self.info.peer)
-                code = nbd_errno(exc) if isinstance(exc, OSError) else NbdErrno.EIO
-                return BackendFailure(str(exc), code, offset=offset + taken), taken + moved
+                return self._write_failure(exc, offset + taken), taken + moved
             taken += moved
         return None, taken
+
+    def _write_failure(self, exc: Exception, offset: int) -> BackendFailure:
+        """A backend write that raised, as the WRITE's error: an OSError keeps its errno,
+        anything else is a bug worth a traceback and reaches the client as EIO."""
+        if isinstance(exc, OSError):
+            return BackendFailure(str(exc), nbd_errno(exc), offset=offset)
+        log.exception("backend write failed for %s", self.info.peer)
+        return BackendFailure(str(exc), NbdErrno.EIO, offset=offset)
 
     @staticmethod
     def _empty_pipe(read_end: int) -> None:
