@@ -1,7 +1,7 @@
-"""The short path of the commonest requests: a flagless READ under 64 KiB of data the
-backend knows is allocated and cached, and a flagless WRITE under 64 KiB whose payload
-is already in the receive buffer, skip the general path and must answer exactly as it
-would.
+"""The short path of the commonest requests: a flagless READ of data the backend knows
+is allocated and cached (under 64 KiB read into a buffer, larger ones sent from the
+file's mapping), and a flagless WRITE under 64 KiB whose payload is already in the
+receive buffer, skip the general path and must answer exactly as it would.
 
 Anything the short path is not sure of (a hole, a range never looked up, a page not in
 the page cache, a punched range, a request with flags, a payload still on its way, a
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_sparse_image, wait_until
-from nbdclient import NbdClient, pattern
+from nbdclient import NbdClient, ServerClosed, pattern
 
 from nbdcore.backends import Fault, FaultInjection, SparseFile
 from nbdcore.exports import Export, ExportRegistry
@@ -39,12 +39,21 @@ class CountingFile(SparseFile):
         super().__init__(path)
         self.refuse = refuse
         self.served = 0  # reads
+        self.served_large = 0  # reads of 64 KiB or more, sent from the mapping
         self.written = 0
 
     def read_resident(self, offset: int, length: int) -> bytearray | None:
         if self.refuse:  # as if no page were in the page cache
             return None
         return self._count(super().read_resident(offset, length))
+
+    def resident_view(self, offset: int, length: int) -> memoryview | None:
+        if self.refuse:
+            return None
+        view = super().resident_view(offset, length)
+        if view is not None and sys._getframe(1).f_code.co_name == "_plain":
+            self.served_large += 1
+        return view
 
     def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
         """The general path reads this way too; with simple replies, so does the short."""
@@ -205,6 +214,109 @@ def test_a_file_cut_short_under_the_short_path_fails_the_read(warm, disk):
     os.truncate(disk, MiB)
     assert client.read(MiB - 2048, 4096).error == NbdErrno.EIO  # never zeroes
     assert client.read(0, 4096).data() == pattern(0, 4096)
+
+
+# ------------------------------------------------------------------ large reads
+
+LARGE = 256 * 1024
+
+
+def test_large_reads_of_known_data_are_one_chunk_with_done(warm):
+    backend, client = warm
+    offsets = [0, 12345, MiB, HOLE_AT - LARGE]
+    for offset in offsets:
+        reply = client.read(offset, LARGE)
+        (chunk,) = reply.chunks
+        assert chunk.type == ReplyType.OFFSET_DATA
+        assert chunk.done
+        assert chunk.data_offset == offset
+        assert reply.data() == pattern(offset, LARGE)
+    assert backend.served_large == len(offsets)
+
+
+def test_large_reads_count_like_the_general_path(inprocess_server, disk):
+    backend = CountingFile(disk)
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk")
+        for offset in range(0, 8 * LARGE, LARGE):
+            assert client.read(offset, LARGE).ok  # the first one learns the run
+        (info,) = server.connections()
+        assert backend.served_large == 7
+        assert info.stats.ops[Cmd.READ] == 8
+        assert info.stats.bytes_read == 8 * LARGE
+        assert wait_until(lambda: sum(info.stats.latency) == 8)
+
+
+def test_pipelined_large_and_small_reads_and_writes_keep_their_order(warm):
+    backend, client = warm
+    for cookie in range(0, 120, 3):
+        offset = (cookie % 11) * LARGE
+        client.send(Cmd.READ, offset, LARGE, cookie=cookie)
+        client.send(Cmd.WRITE, offset + 100, 4096, cookie=cookie + 1,
+                    payload=bytes([cookie]) * 4096)
+        client.send(Cmd.READ, offset, LARGE, cookie=cookie + 2)
+    for cookie in range(0, 120, 3):
+        offset = (cookie % 11) * LARGE
+        first = client.wait(cookie).data()
+        assert client.wait(cookie + 1).ok
+        second = client.wait(cookie + 2).data()
+        assert second[100:4196] == bytes([cookie]) * 4096
+        assert first[:100] == second[:100] == pattern(offset, 100)
+    assert backend.served_large == 80
+
+
+def test_large_reads_touching_a_hole_still_send_the_hole(warm):
+    backend, client = warm
+    across = client.read(HOLE_AT - LARGE // 2, LARGE)
+    assert [c.type for c in across.chunks][:2] == [ReplyType.OFFSET_DATA, ReplyType.OFFSET_HOLE]
+    assert across.data() == pattern(HOLE_AT - LARGE // 2, LARGE // 2) + bytes(LARGE // 2)
+    inside = client.read(HOLE_AT + LARGE, LARGE)
+    assert [c.type for c in inside.chunks] == [ReplyType.OFFSET_HOLE]
+    assert backend.served_large == 0
+
+
+def test_large_reads_of_uncached_data_go_the_general_way(inprocess_server, disk):
+    backend = CountingFile(disk, refuse=True)
+    port = serve(inprocess_server, backend)
+    with NbdClient.connect(port) as client:
+        client.handshake("disk")
+        for offset in (0, MiB + 3):
+            assert client.read(offset, LARGE).data() == pattern(offset, LARGE)
+    assert backend.served_large == 0
+
+
+@pytest.mark.parametrize("option", ["simple", "sendfile", "df"])
+def test_large_reads_the_short_path_leaves_alone(inprocess_server, disk, option):
+    """Simple replies read through a buffer (a failing disk still gets an error reply),
+    sendfile is what the server was asked for, DF wants one chunk holes included."""
+    backend = CountingFile(disk)
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]),
+                              use_sendfile=option == "sendfile")
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk", structured=option != "simple")
+        flags = CmdFlag.DF if option == "df" else 0
+        for offset in (0, LARGE, HOLE_AT - LARGE // 2):
+            reply = client.read(offset, LARGE, flags=flags)
+            assert reply.data() == pattern(offset, min(LARGE, HOLE_AT - offset)).ljust(
+                LARGE, b"\0")
+    assert backend.served_large == 0
+
+
+def test_a_file_cut_short_under_large_short_reads_never_reads_as_success(warm, disk):
+    """Pages past the new end are gone, so the short path leaves the read to the general
+    one (EIO), unless cachestat still counts them (seen here while they were dirty): then
+    the chunk already carried DONE and the failed send can only end the connection, as
+    on the general path (tests/faults/test_read_paths.py). Never a good reply."""
+    _, client = warm
+    assert client.read(MiB - LARGE, LARGE).ok
+    os.truncate(disk, MiB)
+    try:
+        reply = client.read(MiB - LARGE // 2, LARGE)
+    except (ServerClosed, ConnectionError):
+        return
+    assert reply.error == NbdErrno.EIO
+    assert client.read(MiB - LARGE, LARGE).data() == pattern(MiB - LARGE, LARGE)
 
 
 # ------------------------------------------------------------------ writes

@@ -350,6 +350,28 @@ def test_read_resident_serves_only_the_run_known_to_hold_data(tmp_path: Path) ->
         backend.close()
 
 
+def test_resident_view_maps_only_cached_ranges_of_the_known_run(tmp_path: Path) -> None:
+    island = os.urandom(256 * KIB)
+    path = make_sparse_image(tmp_path / "v.img", MIB, {256 * KIB: island})
+    backend = SparseFile(path)
+    try:
+        assert backend.resident_view(256 * KIB, 64 * KIB) is None  # nothing looked up yet
+        backend.extents(256 * KIB, 4096)
+        backend.pread(256 * KIB, 256 * KIB)  # in the page cache now
+        view = backend.resident_view(256 * KIB + 100, 128 * KIB)
+        assert view is not None
+        assert bytes(view) == island[100 : 100 + 128 * KIB]
+        assert backend.resident_view(448 * KIB, 128 * KIB) is None  # runs into the hole
+        backend._can_cachestat = False  # a kernel before 6.5 cannot tell what is cached
+        assert backend.resident_view(256 * KIB, 64 * KIB) is None
+        backend._can_cachestat = True
+        backend.trim(0, 4096)  # a punch anywhere forgets what was known
+        assert backend.resident_view(256 * KIB, 64 * KIB) is None
+    finally:
+        del view
+        backend.close()
+
+
 def test_read_resident_of_a_file_cut_short_is_none(tmp_path: Path) -> None:
     path = make_sparse_image(tmp_path / "c.img", MIB, {0: b"x" * MIB})
     backend = SparseFile(path)

@@ -799,7 +799,7 @@ def test_plain_request_reaching_the_last_byte_is_taken() -> None:
         _header(flags=CmdFlag.FUA),
         _header(flags=0x8000),  # unknown flag: the general path says EINVAL
         _header(length=0),
-        _header(length=65536),  # the limit itself
+        _header(cmd=Cmd.WRITE, length=65536),  # a write at the limit itself
         _header(offset=SIZE - 4095),  # one byte past the end
         _header(offset=U64_MAX - 100),
         _header(magic=0x12345678),  # the general path calls it a protocol error
@@ -809,6 +809,16 @@ def test_plain_request_reaching_the_last_byte_is_taken() -> None:
 )
 def test_plain_request_leaves_everything_else_to_the_general_path(header: bytes) -> None:
     assert make_tx(structured=True).plain_request(header, 0, 65536) is None
+
+
+def test_plain_request_takes_a_read_of_any_length_up_to_the_maximum_payload() -> None:
+    """Only writes are bounded by the limit (larger payloads are spliced by the general
+    path); a large plain read is the server's to take or leave."""
+    tx = make_tx(size=1 << 30)
+    assert tx.plain_request(_header(offset=0, length=65536), 0, 65536) == (Cmd.READ, 9, 0, 65536)
+    assert tx.plain_request(_header(offset=0, length=MIB32), 0, 65536) == (Cmd.READ, 9, 0, MIB32)
+    assert tx.plain_request(_header(offset=0, length=MIB32 + 1), 0, 65536) is None
+    assert tx.plain_request(_header(cmd=Cmd.WRITE, length=65535), 0, 65536) is not None
 
 
 def test_plain_request_never_applies_to_extended_headers() -> None:
