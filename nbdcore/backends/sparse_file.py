@@ -21,6 +21,9 @@ ZERO_WRITE_CHUNK = 1 << 20
 # Mapped pages count in the engine's resident size although they are page cache: after
 # this many bytes have been handed out, the mapping's page table entries are dropped.
 MAP_RELEASE_BYTES = 16 << 20
+# Runs of data remembered, so that reads inside them need no lseek: one per client of a
+# sparse image read island by island (nbdcopy: four connections, each on its own island).
+KNOWN_RUNS = 8
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -67,9 +70,10 @@ class SparseFile:
         self.size = os.fstat(self.fd).st_size
         self._can_punch = True
         self._can_zero_range = True
-        # One run of bytes known to be allocated, so that reads inside it need no lseek.
-        # Writes only ever turn holes into data; whatever punches holes resets it.
-        self._known_data = (0, 0)
+        # Runs of bytes known to be allocated (start, end), the latest learned first;
+        # replaced whole, never changed in place, so readers need no lock. Writes only
+        # ever turn holes into data; whatever punches holes forgets them all.
+        self._known_runs: tuple[tuple[int, int], ...] = ()
         # Off when other processes write the same file: their punches would go unseen here.
         self._cache_allocation = cache_allocation
         self._known_lock = threading.Lock()
@@ -172,8 +176,13 @@ class SparseFile:
         The read is ``pread_nowait``'s, written out rather than called: every small read
         of a VM or fio comes here, and the call cost 1k of its 21.5k instructions
         (``bench/instructions.py``)."""
-        known_start, known_end = self._known_data
-        if offset < known_start or offset + length > known_end or not self._can_nowait:
+        end = offset + length
+        for known_start, known_end in self._known_runs:
+            if known_start <= offset and end <= known_end:
+                break
+        else:
+            return None
+        if not self._can_nowait:
             return None
         data = bytearray(length)
         try:
@@ -189,10 +198,7 @@ class SparseFile:
 
         The large-read counterpart of ``read_resident``: the reply can carry DONE with
         its data, because sending pages already in memory cannot fail."""
-        known_start, known_end = self._known_data
-        if offset < known_start or offset + length > known_end or not self._can_cachestat:
-            return None
-        if not self.cached(offset, length):
+        if not self.known_data(offset, length) or not self.cached(offset, length):
             return None
         return self.mapped_view(offset, length)
 
@@ -239,17 +245,27 @@ class SparseFile:
             raise OSError(errno.ENOTSUP, "zeroing this range would be as slow as writing it")
         self._write_zeroes(offset, length)
 
+    def known_data(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset+length) lies inside a run known to be allocated."""
+        end = offset + length
+        for known_start, known_end in self._known_runs:
+            if known_start <= offset and end <= known_end:
+                return True
+        return False
+
     def _remember_data(self, start: int, end: int, punches: int) -> None:
         with self._known_lock:
-            if self._punches == punches:
-                self._known_data = (start, end)
+            if self._punches != punches:
+                return  # a punch ran during the lookup: what it found may be stale
+            kept = [run for run in self._known_runs if not start <= run[0] <= run[1] <= end]
+            self._known_runs = ((start, end), *kept[: KNOWN_RUNS - 1])
 
     def _try_fallocate(self, mode: int, offset: int, length: int, attr: str) -> bool:
         if not getattr(self, attr):
             return False
         with self._known_lock:  # holes are about to appear
             self._punches += 1
-            self._known_data = (0, 0)
+            self._known_runs = ()
         try:
             fallocate(self.fd, mode, offset, length)
         except OSError as exc:
@@ -260,7 +276,7 @@ class SparseFile:
         finally:
             with self._known_lock:  # a lookup that ran during the punch must not be cached
                 self._punches += 1
-                self._known_data = (0, 0)
+                self._known_runs = ()
         return True
 
     def _write_zeroes(self, offset: int, length: int) -> None:
@@ -281,11 +297,11 @@ class SparseFile:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def extents(self, offset: int, length: int, limit: int = 0) -> list[Extent]:
-        end = offset + length
-        known_start, known_end = self._known_data
-        if length and known_start <= offset and end <= known_end:
+        if length and self.known_data(offset, length):
             return [Extent(offset, length, 0)]
+        end = offset + length
         punches = self._punches
+        remember = self._cache_allocation  # the first data run found
         # SEEK_HOLE first: for the common fully-allocated range it is the only syscall.
         pos = offset
         out: list[Extent] = []
@@ -299,8 +315,9 @@ class SparseFile:
                 out += self._tail_extents(pos, end)
                 break
             if hole > pos:
-                if self._cache_allocation and hole - pos > known_end - known_start:
+                if remember:
                     self._remember_data(pos, hole, punches)
+                    remember = False
                 stop = min(hole, end)
                 out.append(Extent(pos, stop - pos, 0))
                 pos = stop

@@ -20,7 +20,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from nbdcore.backends import Backend, Fault, FaultInjection, MemoryBackend, SparseFile
+from nbdcore.backends import Backend, Fault, FaultInjection, MemoryBackend, SparseFile, sparse_file
 from nbdcore.protocol.constants import CmdFlag, NbdErrno
 from nbdcore.protocol.transmission import Extent, nbd_errno
 
@@ -346,6 +346,44 @@ def test_read_resident_serves_only_the_run_known_to_hold_data(tmp_path: Path) ->
         assert backend.read_resident(0, 4096) is None  # a hole
         backend.trim(0, 4096)  # a punch anywhere forgets what was known
         assert backend.read_resident(256 * KIB, 4096) is None
+    finally:
+        backend.close()
+
+
+def test_known_runs_are_the_latest_few_learned(tmp_path: Path) -> None:
+    """Each lookup remembers the first data run it finds, the latest KNOWN_RUNS of them
+    (nbdcopy reads four islands at once, one per connection); a punch forgets them all."""
+    runs = sparse_file.KNOWN_RUNS + 2
+    islands = {i * 128 * KIB: os.urandom(64 * KIB) for i in range(runs)}
+    path = make_sparse_image(tmp_path / "k.img", runs * 128 * KIB, islands)
+    backend = SparseFile(path)
+    try:
+        for at in islands:
+            assert not backend.known_data(at, 4096)
+            assert backend.extents(at, 128 * KIB) == [
+                Extent(at, 64 * KIB, 0), Extent(at + 64 * KIB, 64 * KIB, HOLE)]
+        assert [backend.known_data(at, 64 * KIB) for at in islands] == (
+            [False] * 2 + [True] * sparse_file.KNOWN_RUNS)
+        assert not backend.known_data(128 * KIB * (runs - 1), 64 * KIB + 1)  # into the hole
+        backend.extents(0, 4096)  # learned again: the oldest of the others goes
+        assert backend.known_data(0, 4096)
+        assert not backend.known_data(2 * 128 * KIB, 4096)
+        backend.trim(runs * 128 * KIB - 4096, 4096)  # a punch, even in a hole, forgets all
+        assert not any(backend.known_data(at, 4096) for at in islands)
+    finally:
+        backend.close()
+
+
+def test_a_run_that_grew_replaces_the_part_known_before(tmp_path: Path) -> None:
+    path = make_sparse_image(tmp_path / "g.img", MIB, {0: b"a" * 64 * KIB})
+    backend = SparseFile(path)
+    try:
+        backend.extents(0, 4096)
+        assert backend.known_data(0, 64 * KIB)
+        backend.pwrite(b"b" * 64 * KIB, 64 * KIB)  # writes only turn holes into data
+        assert backend.extents(0, 128 * KIB) == [Extent(0, 128 * KIB, 0)]
+        assert backend.known_data(0, 128 * KIB)
+        assert backend._known_runs == ((0, 128 * KIB),)
     finally:
         backend.close()
 
