@@ -2,8 +2,10 @@
 """Side-by-side benchmark: nbdcore vs nbdkit (file plugin) vs qemu-nbd, same images, one run.
 
 Every workload runs against each server in turn (A, B, C, A, B, C, ...) for ``--rounds``
-rounds; the table shows medians and the ratio of nbdcore to each peer. Page cache warm,
-loopback TCP. Usage::
+rounds; the table shows medians and the ratio of nbdcore to each peer. A workload whose
+single run is short (the nbdcopy and qemu-img rows) is interleaved run by run inside a
+round, with every server up at once: on a shared machine the speed drifts by more than
+the servers differ within seconds. Page cache warm, loopback TCP. Usage::
 
     python bench/nbdbench.py [--rounds 3] [--quick] [--only seqread_fio,randread16]
 
@@ -245,6 +247,9 @@ class Workload:
     image: str  # key of the image to serve
     run: Callable[[str, Path], float]
     higher_is_better: bool = True
+    # > 0: ``run`` is one short run; a round's sample of a server is the median of this
+    # many runs, the servers taking turns run by run.
+    runs: int = 0
     pin: bool = False  # server on CPU 0, client on CPU 1
     tls: bool = False  # servers with TLS required (those that have a tls_argv)
     results: dict[str, list[float]] = field(default_factory=dict)
@@ -302,23 +307,16 @@ def _drain(sock: socket.socket, replies: int) -> None:
         sock.recv(16, socket.MSG_WAITALL)
 
 
-def timed(cmd: list[str], runs: int = 1) -> float:
-    """Seconds ``cmd`` takes; with ``runs`` > 1 the median of that many runs in a row.
-
-    A copy that takes well under a second is measured several times per sample: a single
-    run of it varies by more than the differences between the servers.
-    """
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(cmd: list[str]) -> float:
+    """Seconds ``cmd`` takes."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
     def seqread_nbdcopy(uri: str, image: Path) -> float:
-        return image.stat().st_size / MiB / timed(["nbdcopy", uri, "null:"], runs=3)
+        return image.stat().st_size / MiB / timed(["nbdcopy", uri, "null:"])
 
     def seqread_fio(uri: str, _: Path) -> float:
         job = fio(uri, "--rw=read", "--bs=1M", "--iodepth=8", runtime=runtime)
@@ -330,7 +328,7 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
 
     def seqwrite_nbdcopy(uri: str, image: Path) -> float:
         source = tmp / "source.raw"
-        return source.stat().st_size / MiB / timed(["nbdcopy", str(source), uri], runs=3)
+        return source.stat().st_size / MiB / timed(["nbdcopy", str(source), uri])
 
     def randread16(uri: str, _: Path) -> float:
         return fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", runtime=runtime)[
@@ -345,12 +343,12 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
             "write"]["iops"]
 
     def sparse_nbdcopy(uri: str, _: Path) -> float:
-        return timed(["nbdcopy", uri, "null:"], runs=5)
+        return timed(["nbdcopy", uri, "null:"])
 
     def sparse_convert(uri: str, _: Path) -> float:
         out = tmp / "convert-out.raw"
         try:
-            return timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)], runs=5)
+            return timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)])
         finally:
             out.unlink(missing_ok=True)
 
@@ -360,8 +358,7 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
         return CURRENT_SERVER[0].rss_kib() / 1024
 
     def seqread_nbdcopy_tls(uri: str, image: Path) -> float:
-        return image.stat().st_size / MiB / timed(["nbdcopy", TLS[0].uri(uri), "null:"],
-                                                              runs=3)
+        return image.stat().st_size / MiB / timed(["nbdcopy", TLS[0].uri(uri), "null:"])
 
     def randread16_tls(uri: str, _: Path) -> float:
         return fio(uri, "--rw=randread", "--bs=4k", "--iodepth=16", runtime=runtime,
@@ -374,25 +371,25 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
 
     return [
         Workload("seqread_nbdcopy", "seq read 1 GiB, nbdcopy -> null:", "MiB/s", "full",
-                 seqread_nbdcopy),
+                 seqread_nbdcopy, runs=3),
         Workload("seqread_fio", "seq read, fio 1M iodepth 8", "MiB/s", "full", seqread_fio),
         Workload("seqwrite_fio", "seq write, fio 1M iodepth 8", "MiB/s", "full", seqwrite_fio),
         Workload("seqwrite_nbdcopy", "seq write 1 GiB, nbdcopy file -> nbd", "MiB/s", "full",
-                 seqwrite_nbdcopy),
+                 seqwrite_nbdcopy, runs=3),
         Workload("randread16", "4K rand read, iodepth 16", "IOPS", "full", randread16),
         Workload("randread1_p50", "4K rand read, iodepth 1, p50 (pinned)", "us", "full",
                  randread1_p50, higher_is_better=False, pin=True),
         Workload("randwrite16", "4K rand write, iodepth 16", "IOPS", "full", randwrite16),
         Workload("sparse_nbdcopy", "sparse 8 GiB (64 MiB data), nbdcopy -> null:", "s",
-                 "sparse", sparse_nbdcopy, higher_is_better=False),
+                 "sparse", sparse_nbdcopy, higher_is_better=False, runs=9),
         Workload("sparse_convert", "sparse 8 GiB, qemu-img convert -> raw", "s", "sparse",
-                 sparse_convert, higher_is_better=False),
+                 sparse_convert, higher_is_better=False, runs=9),
         Workload("many_clients", "8 clients x 4K rand read iodepth 16", "IOPS", "full",
                  many_clients),
         Workload("memory_flood", "64 clients x 64 MiB writes in flight: peak RSS", "MiB",
                  "full", memory_under_write_flood, higher_is_better=False),
         Workload("seqread_nbdcopy_tls", "TLS: seq read 1 GiB, nbdcopy -> null:", "MiB/s",
-                 "full", seqread_nbdcopy_tls, tls=True),
+                 "full", seqread_nbdcopy_tls, tls=True, runs=3),
         Workload("randread16_tls", "TLS: 4K rand read, iodepth 16", "IOPS", "full",
                  randread16_tls, tls=True),
     ]
@@ -441,6 +438,57 @@ def warm(path: Path) -> None:
         os.close(fd)
 
 
+def settle(images: dict[str, Path]) -> None:
+    """Before a sample: write back what earlier ones dirtied, so that the kernel's flusher
+    does not land in the middle of this one, and bring every image into the page cache."""
+    os.sync()
+    for path in images.values():
+        warm(path)
+
+
+def start(server: Server, w: Workload, images: dict[str, Path]) -> str:
+    return server.start(images[w.image], pin=w.pin,
+                        tls=TLS[0].server_dir if w.tls else None)
+
+
+def note_rss(server: Server, rss: dict[str, int]) -> None:
+    rss[server.name] = max(rss.get(server.name, 0), server.rss_kib())
+
+
+def sample_alone(w: Workload, server: Server, images: dict[str, Path],
+                 rss: dict[str, int]) -> float:
+    """One sample of ``w`` on ``server``, the only server running."""
+    settle(images)
+    uri = start(server, w, images)
+    CURRENT_SERVER[:] = [server]
+    try:
+        value = w.run(uri, images[w.image])
+        note_rss(server, rss)
+    finally:
+        server.stop()
+    return value
+
+
+def sample_interleaved(w: Workload, servers: list[Server], images: dict[str, Path],
+                       rss: dict[str, int]) -> dict[str, float]:
+    """One sample of ``w`` per server: every server up at once, taking turns run by run
+    (A, B, C, A, B, C, ...) for ``w.runs`` runs; each sample is its server's median."""
+    runs: dict[str, list[float]] = {s.name: [] for s in servers}
+    try:
+        uris = {s.name: start(s, w, images) for s in servers}
+        for _ in range(w.runs):
+            settle(images)
+            for server in servers:
+                os.sync()  # what the previous server's run wrote
+                runs[server.name].append(w.run(uris[server.name], images[w.image]))
+        for server in servers:
+            note_rss(server, rss)
+    finally:
+        for server in servers:
+            server.stop()
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
 def fmt(value: float, unit: str) -> str:
     if unit in ("IOPS", "MiB/s", "MiB"):
         return f"{value:,.0f}"
@@ -451,7 +499,8 @@ def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
     names = [s.name for s in SERVERS]
     lines = [
         f"Medians of {rounds} interleaved rounds (a sample of an nbdcopy or qemu-img row is "
-        "itself the median of 3 runs, 5 for the sparse rows); ratio = nbdcore / peer, "
+        "itself the median of 3 runs, 9 for the sparse rows, the servers taking turns run "
+        "by run); ratio = nbdcore / peer, "
         "oriented so that > 1.00 means nbdcore is better; \"appliance\" is the same engine "
         "run by the appliance's engine runner with live metrics to Redis. TLS rows: TLS required "
         "(nbdcore --tls required, nbdkit --tls=require, qemu-nbd tls-creds-x509), no client "
@@ -518,24 +567,14 @@ def main() -> int:
         rss: dict[str, int] = {}
         for round_no in range(args.rounds):
             for w in workloads:
-                for server in SERVERS:
-                    if w.tls and server.tls_argv is None:
-                        continue
-                    # Write back what earlier samples dirtied, so the kernel's flusher
-                    # does not land in the middle of this one.
-                    os.sync()
-                    for path in images.values():
-                        warm(path)
-                    uri = server.start(images[w.image], pin=w.pin,
-                                       tls=TLS[0].server_dir if w.tls else None)
-                    CURRENT_SERVER[:] = [server]
-                    try:
-                        value = w.run(uri, images[w.image])
-                        rss[server.name] = max(rss.get(server.name, 0), server.rss_kib())
-                    finally:
-                        server.stop()
-                    w.results.setdefault(server.name, []).append(value)
-                    print(f"round {round_no + 1} {w.name:19} {server.name:9} "
+                servers = [s for s in SERVERS if not (w.tls and s.tls_argv is None)]
+                if w.runs:
+                    samples = sample_interleaved(w, servers, images, rss)
+                else:
+                    samples = {s.name: sample_alone(w, s, images, rss) for s in servers}
+                for name, value in samples.items():
+                    w.results.setdefault(name, []).append(value)
+                    print(f"round {round_no + 1} {w.name:19} {name:9} "
                           f"{fmt(value, w.unit)} {w.unit}", flush=True)
     APPLIANCE_ENGINE.close()
     table = report(workloads, args.rounds, rss)

@@ -55,7 +55,9 @@ _pack_simple_reply = wire.SIMPLE_REPLY.pack
 _REQUEST_MAGIC = wire.REQUEST_MAGIC
 _STRUCTURED_MAGIC = wire.STRUCTURED_REPLY_MAGIC
 _SIMPLE_MAGIC = wire.SIMPLE_REPLY_MAGIC
-_DF, _PAYLOAD_LEN = int(CmdFlag.DF), int(CmdFlag.PAYLOAD_LEN)
+_DF, _PAYLOAD_LEN, _REQ_ONE = int(CmdFlag.DF), int(CmdFlag.PAYLOAD_LEN), int(CmdFlag.REQ_ONE)
+_BLOCK_STATUS_REPLY = int(ReplyType.BLOCK_STATUS)
+_BLOCK_STATUS_EXT_REPLY = int(ReplyType.BLOCK_STATUS_EXT)
 _WRITE_COMMANDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _KNOWN_COMMANDS = frozenset(int(c) for c in Cmd if c is not Cmd.RESIZE)
 _ONLY_ON: dict[CmdFlag, frozenset[int]] = {
@@ -328,7 +330,7 @@ class Transmission:
     def block_status_reply(self, req: wire.Request, extents: Iterable[Extent]) -> bytes:
         """One status chunk (with DONE) for base:allocation, trimmed to the rules of §6."""
         end = req.offset + req.length
-        req_one = bool(req.flags & CmdFlag.REQ_ONE)
+        req_one = bool(req.flags & _REQ_ONE)  # plain ints: IntFlag arithmetic is slow
         runs: list[tuple[int, int]] = []
         expected = req.offset
         for extent in extents:
@@ -352,7 +354,7 @@ class Transmission:
         if self.extended:
             body = wire.U32.pack(context_id) + wire.U32.pack(len(runs))
             body += b"".join(wire.EXTENT_EXT.pack(length, flags) for length, flags in runs)
-            return self._chunk(req, ReplyType.BLOCK_STATUS_EXT, len(body), True) + body
+            return self._chunk(req, _BLOCK_STATUS_EXT_REPLY, len(body), True) + body
         body = wire.U32.pack(context_id)
         body += b"".join(wire.EXTENT.pack(min(length, U32_MAX), flags) for length, flags in runs)
-        return self._chunk(req, ReplyType.BLOCK_STATUS, len(body), True) + body
+        return self._chunk(req, _BLOCK_STATUS_REPLY, len(body), True) + body
