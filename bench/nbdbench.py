@@ -3,7 +3,7 @@
 
 Every workload runs against each server in turn (A, B, C, A, B, C, ...) for ``--rounds``
 rounds; the table shows medians and the ratio of nbdcore to each peer. A workload whose
-single run is short (the nbdcopy and qemu-img rows) is interleaved run by run inside a
+single run takes seconds (all but the memory row) is interleaved run by run inside a
 round, with every server up at once: on a shared machine the speed drifts by more than
 the servers differ within seconds. Page cache warm, loopback TCP. Usage::
 
@@ -372,26 +372,29 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
     return [
         Workload("seqread_nbdcopy", "seq read 1 GiB, nbdcopy -> null:", "MiB/s", "full",
                  seqread_nbdcopy, runs=3),
-        Workload("seqread_fio", "seq read, fio 1M iodepth 8", "MiB/s", "full", seqread_fio),
-        Workload("seqwrite_fio", "seq write, fio 1M iodepth 8", "MiB/s", "full", seqwrite_fio),
+        Workload("seqread_fio", "seq read, fio 1M iodepth 8", "MiB/s", "full", seqread_fio,
+                 runs=3),
+        Workload("seqwrite_fio", "seq write, fio 1M iodepth 8", "MiB/s", "full", seqwrite_fio,
+                 runs=3),
         Workload("seqwrite_nbdcopy", "seq write 1 GiB, nbdcopy file -> nbd", "MiB/s", "full",
                  seqwrite_nbdcopy, runs=3),
-        Workload("randread16", "4K rand read, iodepth 16", "IOPS", "full", randread16),
+        Workload("randread16", "4K rand read, iodepth 16", "IOPS", "full", randread16, runs=3),
         Workload("randread1_p50", "4K rand read, iodepth 1, p50 (pinned)", "us", "full",
-                 randread1_p50, higher_is_better=False, pin=True),
-        Workload("randwrite16", "4K rand write, iodepth 16", "IOPS", "full", randwrite16),
+                 randread1_p50, higher_is_better=False, pin=True, runs=3),
+        Workload("randwrite16", "4K rand write, iodepth 16", "IOPS", "full", randwrite16,
+                 runs=3),
         Workload("sparse_nbdcopy", "sparse 8 GiB (64 MiB data), nbdcopy -> null:", "s",
                  "sparse", sparse_nbdcopy, higher_is_better=False, runs=9),
         Workload("sparse_convert", "sparse 8 GiB, qemu-img convert -> raw", "s", "sparse",
                  sparse_convert, higher_is_better=False, runs=9),
         Workload("many_clients", "8 clients x 4K rand read iodepth 16", "IOPS", "full",
-                 many_clients),
+                 many_clients, runs=3),
         Workload("memory_flood", "64 clients x 64 MiB writes in flight: peak RSS", "MiB",
                  "full", memory_under_write_flood, higher_is_better=False),
         Workload("seqread_nbdcopy_tls", "TLS: seq read 1 GiB, nbdcopy -> null:", "MiB/s",
                  "full", seqread_nbdcopy_tls, tls=True, runs=3),
         Workload("randread16_tls", "TLS: 4K rand read, iodepth 16", "IOPS", "full",
-                 randread16_tls, tls=True),
+                 randread16_tls, tls=True, runs=3),
     ]
 
 
@@ -498,9 +501,9 @@ def fmt(value: float, unit: str) -> str:
 def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
     names = [s.name for s in SERVERS]
     lines = [
-        f"Medians of {rounds} interleaved rounds (a sample of an nbdcopy or qemu-img row is "
-        "itself the median of 3 runs, 9 for the sparse rows, the servers taking turns run "
-        "by run); ratio = nbdcore / peer, "
+        f"Medians of {rounds} rounds; in a round, a server's sample is the median of 3 runs "
+        "(9 for the sparse rows), the servers up at once and taking turns run by run (the "
+        "memory row: one run per server alone); ratio = nbdcore / peer, "
         "oriented so that > 1.00 means nbdcore is better; \"appliance\" is the same engine "
         "run by the appliance's engine runner with live metrics to Redis. TLS rows: TLS required "
         "(nbdcore --tls required, nbdkit --tls=require, qemu-nbd tls-creds-x509), no client "
@@ -538,7 +541,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    parser.add_argument("--runtime", type=int, default=3, help="seconds per fio job")
     parser.add_argument("--quick", action="store_true", help="256 MiB image, 2 s fio jobs")
     parser.add_argument("--only", default="", help="comma-separated workload names")
     parser.add_argument("--servers", default="nbdcore,appliance,nbdkit,qemu-nbd",
