@@ -98,10 +98,11 @@ class Server:
                 self.proc.wait()
             self.proc = None
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmHWM") -> int:
+        """A memory figure of /proc/PID/status: VmHWM (peak resident), RssAnon, ..."""
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
         return 0
 
@@ -455,7 +456,11 @@ def start(server: Server, w: Workload, images: dict[str, Path]) -> str:
 
 
 def note_rss(server: Server, rss: dict[str, int]) -> None:
+    """Peak resident size, and the largest anonymous part of it seen at a sample's end
+    (nbdcore's resident size also holds the image pages it maps to send them)."""
     rss[server.name] = max(rss.get(server.name, 0), server.rss_kib())
+    anon = f"{server.name} anon"
+    rss[anon] = max(rss.get(anon, 0), server.rss_kib("RssAnon"))
 
 
 def sample_alone(w: Workload, server: Server, images: dict[str, Path],
@@ -533,7 +538,11 @@ def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
         lines.append(f"| {w.title} | {w.unit} | " + " | ".join(cells) + " | "
                      + " | ".join(ratios) + " |")
     lines += ["", "Peak resident memory (VmHWM, KiB): "
-              + ", ".join(f"{n} {rss.get(n, 0):,}" for n in names)]
+              + ", ".join(f"{n} {rss.get(n, 0):,}" for n in names)
+              + "; largest anonymous part at the end of a sample (RssAnon, KiB): "
+              + ", ".join(f"{n} {rss.get(n + ' anon', 0):,}" for n in names)
+              + ". The rest of nbdcore's is image pages mapped to be sent: page cache, "
+              "up to 1 GiB per image (MAP_RESIDENT_BYTES)."]
     return "\n".join(lines)
 
 

@@ -136,13 +136,15 @@ def test_efault_while_sending_from_the_mapping(tmp_path, inprocess_server, lengt
         assert client.read(0, length).data() == pattern(0, length)
 
 
-def test_mapped_reads_release_their_pages(tmp_path, inprocess_server):
+def test_mapped_reads_release_their_pages(tmp_path, inprocess_server, monkeypatch):
     """Reading a whole image through the mapping must not leave it all resident in the
-    engine: the mapping's pages are dropped every MAP_RELEASE_BYTES."""
+    engine: the mapping's pages are dropped once more than MAP_RESIDENT_BYTES of distinct
+    data was handed out (16 MiB here, against an image four times that)."""
     from nbdcore.backends import sparse_file
 
+    monkeypatch.setattr(sparse_file, "MAP_RESIDENT_BYTES", 16 * MiB)
     path = tmp_path / "big.raw"
-    size = 4 * sparse_file.MAP_RELEASE_BYTES
+    size = 64 * MiB
     path.write_bytes(pattern(0, size))
     backend = SparseFile(path)
     server = inprocess_server(ExportRegistry([Export("disk", backend)]))
@@ -150,7 +152,26 @@ def test_mapped_reads_release_their_pages(tmp_path, inprocess_server):
         client.handshake("disk", structured=True)
         for offset in range(0, size, MiB):
             assert client.read(offset, MiB).ok
-    assert _resident_kib(path) * 1024 <= sparse_file.MAP_RELEASE_BYTES + MiB
+    chunk = 1 << sparse_file.MAP_CHUNK_SHIFT
+    assert _resident_kib(path) * 1024 <= 16 * MiB + chunk
+
+
+def test_a_working_set_within_the_bound_stays_mapped(tmp_path, inprocess_server,
+                                                     monkeypatch):
+    """Re-reading data within MAP_RESIDENT_BYTES neither faults it in again nor drops
+    it: it stays mapped (and counted in the engine's resident size) between reads."""
+    from nbdcore.backends import sparse_file
+
+    monkeypatch.setattr(sparse_file, "MAP_RESIDENT_BYTES", 16 * MiB)
+    path = tmp_path / "hot.raw"
+    path.write_bytes(pattern(0, 12 * MiB))
+    server = inprocess_server(ExportRegistry([Export("disk", SparseFile(path))]))
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk", structured=True)
+        for _ in range(3):
+            for offset in range(0, 12 * MiB, MiB):
+                assert client.read(offset, MiB).data() == pattern(offset, MiB)
+    assert _resident_kib(path) * 1024 >= 12 * MiB - MiB
 
 
 def _resident_kib(path) -> int:
