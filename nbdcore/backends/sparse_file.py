@@ -366,9 +366,9 @@ class SparseFile:
 
 
 class _FileMap:
-    """A read-only shared mapping of a whole file whose resident pages are dropped now
-    and then (the page cache keeps them), so that serving a large image does not show as
-    the engine holding it in memory."""
+    """A read-only shared mapping of a whole file whose resident pages are dropped once
+    more than MAP_RESIDENT_BYTES of it were handed out (the page cache keeps them), so
+    that serving a large image shows as at most that much of it in the engine's memory."""
 
     def __init__(self, fd: int, size: int) -> None:
         self.size = size
