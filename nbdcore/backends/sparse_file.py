@@ -177,9 +177,9 @@ class SparseFile:
         disk. The caller then takes its general path, which looks for holes, reports
         errors where they are and reads cold data where waiting stalls nobody.
 
-        The read is ``pread_nowait``'s, written out rather than called: every small read
-        of a VM or fio comes here, and the call cost 1k of its 21.5k instructions
-        (``bench/instructions.py``)."""
+        The read is ``pread_nowait``'s and the run test ``known_data``'s, both written
+        out rather than called: every small read of a VM or fio comes here, and a call
+        cost 1k of its 21.5k instructions (``bench/instructions.py``)."""
         end = offset + length
         for known_start, known_end in self._known_runs:
             if known_start <= offset and end <= known_end:
@@ -196,7 +196,7 @@ class SparseFile:
         return data if got == length else None
 
     def resident_view(self, offset: int, length: int) -> memoryview | None:
-        """A range inside the run known to hold data, as a view of the file's mapping
+        """A range inside a run known to hold data, as a view of the file's mapping
         (see ``mapped_view``), if every page of it is in the page cache; else None, and
         the caller takes its general path (holes, cold data, errors where they are).
 
