@@ -1,7 +1,8 @@
 """The short path of the commonest requests: a flagless READ of data the backend knows
 is allocated and cached (under 64 KiB read into a buffer, larger ones sent from the
-file's mapping), and a flagless WRITE under 64 KiB whose payload is already in the
-receive buffer, skip the general path and must answer exactly as it would.
+file's mapping), a flagless WRITE under 64 KiB whose payload is already in the receive
+buffer, and a flagless WRITE of 64 KiB or more (its payload taken as it streams in,
+spliced), skip the general path and must answer exactly as it would.
 
 Anything the short path is not sure of (a hole, a range never looked up, a page not in
 the page cache, a punched range, a request with flags, a payload still on its way, a
@@ -41,6 +42,7 @@ class CountingFile(SparseFile):
         self.served = 0  # reads
         self.served_large = 0  # reads of 64 KiB or more, sent from the mapping
         self.written = 0
+        self.written_large = 0  # payload pieces of large WRITEs on the short path
 
     def read_resident(self, offset: int, length: int) -> bytearray | None:
         if self.refuse:  # as if no page were in the page cache
@@ -65,6 +67,17 @@ class CountingFile(SparseFile):
         super().pwrite(data, offset)
         if sys._getframe(1).f_code.co_name == "_plain":
             self.written += 1
+        self._count_large_write()
+
+    def splice_in(self, pipe: int, offset: int, count: int) -> None:
+        super().splice_in(pipe, offset, count)
+        self._count_large_write()
+
+    def _count_large_write(self) -> None:
+        # Through _take_write_payload, and for spliced pieces _splice_payload too.
+        caller, callers_caller = sys._getframe(3), sys._getframe(4)
+        if "_plain_large_write" in (caller.f_code.co_name, callers_caller.f_code.co_name):
+            self.written_large += 1
 
     def _count(self, data: bytes | bytearray | None) -> bytes | bytearray | None:
         if data is not None and sys._getframe(2).f_code.co_name == "_plain":
@@ -382,10 +395,63 @@ def test_a_failing_write_gets_the_general_paths_error(inprocess_server, disk):
         assert client.read(0, 200).data() == b"y" * 200
 
 
+def test_large_writes_take_the_short_path_and_count(inprocess_server, disk):
+    backend = CountingFile(disk)
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk")
+        for i in range(8):  # 64 KiB (at the edge) to over 2 MiB, larger than one receive
+            assert client.write(i * 256 * 1024, bytes([i + 1]) * (64 * 1024 + i * 300_000)).ok
+        (info,) = server.connections()
+        assert backend.written_large >= 8
+        assert backend.written == 0  # none went the small writes' way
+        assert info.stats.ops[Cmd.WRITE] == 8
+        assert info.stats.bytes_written == sum(64 * 1024 + i * 300_000 for i in range(8))
+        assert client.read(7 * 256 * 1024, 64 * 1024 + 7 * 300_000).data() == (
+            bytes([8]) * (64 * 1024 + 7 * 300_000))
+        assert client.read(0, 64 * 1024).data() == bytes([1]) * (64 * 1024)
+
+
+def test_pipelined_large_writes_and_reads_keep_their_order(warm):
+    backend, client = warm
+    size = 256 * 1024
+    for cookie in range(24):
+        offset = (cookie % 4) * size
+        client.send(Cmd.WRITE, offset, size, cookie=2 * cookie, payload=bytes([cookie]) * size)
+        client.send(Cmd.READ, offset, size, cookie=2 * cookie + 1)
+    for cookie in range(24):
+        assert client.wait(2 * cookie).ok
+        assert client.wait(2 * cookie + 1).data() == bytes([cookie]) * size
+    assert backend.written_large >= 24
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_a_failing_disk_under_a_large_write_answers_as_the_general_path(
+        inprocess_server, disk, structured):
+    backend = FaultInjection(SparseFile(disk), [Fault("write", offset=MiB, length=4096)])
+    port = serve(inprocess_server, backend)
+    with NbdClient.connect(port) as client:
+        client.handshake("disk", structured=structured)
+        reply = client.write(MiB - 128 * 1024, b"x" * (512 * 1024))
+        assert reply.error == NbdErrno.EIO
+        if structured:  # the error chunk says where the write failed
+            assert [chunk.type for chunk in reply.errors] == [ReplyType.ERROR_OFFSET]
+        assert client.write(0, b"y" * (128 * 1024)).ok  # the payload was consumed: in step
+        assert client.read(0, 128 * 1024).data() == b"y" * (128 * 1024)
+
+
+def test_large_writes_with_flags_go_the_general_way(warm):
+    backend, client = warm
+    assert client.write(0, b"f" * (256 * 1024), flags=CmdFlag.FUA).ok
+    assert client.read(0, 256 * 1024).data() == b"f" * (256 * 1024)
+    assert backend.written_large == 0
+
+
 def test_writes_to_a_read_only_export_are_refused(inprocess_server, disk):
     registry = ExportRegistry([Export("disk", CountingFile(disk), read_only=True)])
     port = int(inprocess_server(registry).port)
     with NbdClient.connect(port) as client:
         client.handshake("disk")
         assert client.write(0, b"z" * 512).error == NbdErrno.EPERM
+        assert client.write(0, b"z" * (256 * 1024)).error == NbdErrno.EPERM
         assert client.read(0, 512).data() == pattern(0, 512)

@@ -2,7 +2,8 @@
 
 Whatever the timing, requests must be answered: one that arrives while the connection
 polls, one that arrives after it went to sleep, a close seen while polling, and many
-connections at once (where nobody polls).
+connections at once (where nobody polls). After a WRITE whose payload was spliced (a client
+streaming large writes) it does not poll: that client is bound by its own pushing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from nbdclient import NbdClient, pattern
 
 from nbdcore.backends import SparseFile
 from nbdcore.exports import Export, ExportRegistry
-from nbdcore.server import SPIN_MAX_CONNECTIONS
+from nbdcore.server import RECV_SIZE, SPIN_MAX_CONNECTIONS, _Connection
 
 MiB = 1 << 20
 
@@ -68,3 +69,27 @@ def test_many_connections_are_served_while_none_polls(serve_polling):
     finally:
         for client in clients:
             client.close()
+
+
+def test_no_polling_after_a_spliced_write(tmp_path, inprocess_server, monkeypatch):
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(8 * MiB))
+    polls: list[int] = []
+    poll = _Connection._recv_spinning
+
+    def counted(self, target):
+        polls.append(len(target))
+        return poll(self, target)
+
+    monkeypatch.setattr(_Connection, "_recv_spinning", counted)
+    server = inprocess_server(ExportRegistry([Export("disk", SparseFile(path))]),
+                              spin_us=200_000)
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk", structured=True)
+        assert wait_until(lambda: len(polls) == 1)  # idle after the handshake: it polls
+        payload = pattern(0, 4 * RECV_SIZE)  # larger than the buffer: the rest is spliced
+        assert client.write(0, payload).ok
+        time.sleep(0.3)  # longer than a poll: the connection waits for the next header
+        assert len(polls) == 1
+        assert client.read(0, MiB).data() == payload[:MiB]
+        assert wait_until(lambda: len(polls) == 2)  # after a READ it polls again
