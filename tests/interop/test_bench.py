@@ -2,7 +2,8 @@
 
 The figures are not checked (the benchmark is the check of speed, not the test suite);
 what is checked is that the script runs the servers side by side, interleaved run by run,
-and reports every server's median and nbdcore's ratios."""
+and reports every server's median and nbdcore's ratios (and, for the many-clients row,
+each server's slowest client)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def test_a_quick_round_writes_the_side_by_side_table(tmp_path: Path) -> None:
     table = tmp_path / "latest.md"
     done = subprocess.run(
         [sys.executable, "bench/nbdbench.py", "--quick", "--rounds", "1",
-         "--only", "sparse_nbdcopy,memory_flood", "--servers", "nbdcore,nbdkit,qemu-nbd",
+         "--only", "sparse_nbdcopy,memory_flood,many_clients",
+         "--servers", "nbdcore,nbdkit,qemu-nbd",
          "--output", str(table)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "BENCH_DIR": str(tmp_path)},
@@ -40,3 +42,8 @@ def test_a_quick_round_writes_the_side_by_side_table(tmp_path: Path) -> None:
     assert done.stdout.count("round 1 sparse_nbdcopy") == 3
     assert done.stdout.count("round 1 memory_flood") == 3
     assert "Peak resident memory (VmHWM, KiB): nbdcore" in text
+    # Whether one of the 8 clients was starved: each server's slowest client's share.
+    shares = re.search(r"lowest of all runs: nbdcore (\S+), nbdkit (\S+), qemu-nbd (\S+)\.",
+                       text)
+    assert shares is not None
+    assert all(0 < float(share) <= 1 for share in shares.groups())
