@@ -385,14 +385,15 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
         return sum(iops)
 
     return [
+        # nbdcopy's runs take under half a second: 7 of them weigh about what fio's 3 x 3 s do.
         Workload("seqread_nbdcopy", "seq read 1 GiB, nbdcopy -> null:", "MiB/s", "full",
-                 seqread_nbdcopy, runs=3),
+                 seqread_nbdcopy, runs=7),
         Workload("seqread_fio", "seq read, fio 1M iodepth 8", "MiB/s", "full", seqread_fio,
                  runs=3),
         Workload("seqwrite_fio", "seq write, fio 1M iodepth 8", "MiB/s", "full", seqwrite_fio,
                  runs=3),
         Workload("seqwrite_nbdcopy", "seq write 1 GiB, nbdcopy file -> nbd", "MiB/s", "full",
-                 seqwrite_nbdcopy, runs=3),
+                 seqwrite_nbdcopy, runs=7),
         Workload("randread16", "4K rand read, iodepth 16", "IOPS", "full", randread16, runs=3),
         Workload("randread1_p50", "4K rand read, iodepth 1, p50 (pinned)", "us", "full",
                  randread1_p50, higher_is_better=False, pin=True, runs=3),
@@ -407,7 +408,7 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
         Workload("memory_flood", "64 clients x 64 MiB writes in flight: peak RSS", "MiB",
                  "full", memory_under_write_flood, higher_is_better=False),
         Workload("seqread_nbdcopy_tls", "TLS: seq read 1 GiB, nbdcopy -> null:", "MiB/s",
-                 "full", seqread_nbdcopy_tls, tls=True, runs=3),
+                 "full", seqread_nbdcopy_tls, tls=True, runs=7),
         Workload("randread16_tls", "TLS: 4K rand read, iodepth 16", "IOPS", "full",
                  randread16_tls, tls=True, runs=3),
     ]
@@ -532,11 +533,25 @@ def fmt(value: float, unit: str) -> str:
     return f"{value:.3f}" if unit == "s" else f"{value:.1f}"
 
 
+def runs_caption(workloads: list[Workload]) -> str:
+    """How many runs a sample is the median of: "3 runs (7 for a, b; 9 for c)"."""
+    by_runs: dict[int, list[str]] = {}
+    for w in workloads:
+        if w.results and w.runs:
+            by_runs.setdefault(w.runs, []).append(w.name)
+    if not by_runs:
+        return "1 run"
+    usual = max(by_runs, key=lambda runs: len(by_runs[runs]))
+    others = "; ".join(f"{runs} for {', '.join(names)}"
+                       for runs, names in sorted(by_runs.items()) if runs != usual)
+    return f"{usual} runs" + (f" ({others})" if others else "")
+
+
 def report(workloads: list[Workload], rounds: int, rss: dict[str, int]) -> str:
     names = [s.name for s in SERVERS]
     lines = [
-        f"Medians of {rounds} rounds; in a round, a server's sample is the median of 3 runs "
-        "(9 for the sparse rows), the servers up at once and taking turns run by run, the "
+        f"Medians of {rounds} rounds; in a round, a server's sample is the median of "
+        f"{runs_caption(workloads)}, the servers up at once and taking turns run by run, the "
         "order rotating by one every cycle (the memory row: one run per server alone); "
         "ratio = nbdcore / peer, oriented so that > 1.00 means nbdcore is better; "
         "\"appliance\" is the same engine run by the appliance's engine runner with live "
