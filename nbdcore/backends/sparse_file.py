@@ -26,7 +26,7 @@ ZERO_WRITE_CHUNK = 1 << 20
 MAP_RESIDENT_BYTES = 1 << 30
 MAP_CHUNK_SHIFT = 21  # the distinct bytes are counted in 2 MiB chunks
 # Runs of data remembered, so that reads inside them need no lseek: one per client of a
-# sparse image read island by island (nbdcopy: four connections, each on its own island).
+# sparse image read island by island (nbdcopy: a connection per thread, each on its own island).
 KNOWN_RUNS = 8
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
