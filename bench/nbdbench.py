@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: nbdcore vs nbdkit (file plugin) vs qemu-nbd, same images, one run.
 
-Every workload runs against each server in turn (A, B, C, A, B, C, ...) for ``--rounds``
-rounds; the table shows medians and the ratio of nbdcore to each peer. A workload whose
-single run takes seconds (all but the memory row) is interleaved run by run inside a
-round, with every server up at once: on a shared machine the speed drifts by more than
-the servers differ within seconds. Page cache warm, loopback TCP. Usage::
+Every workload runs against each server for ``--rounds`` rounds; the table shows medians
+and the ratio of nbdcore to each peer. Every workload but the memory row is interleaved
+run by run inside a round, with every server up at once and the order rotating by one
+each cycle (A, B, C, then B, C, A, ...): on a shared machine the speed drifts by more
+than the servers differ within seconds. Page cache warm, loopback TCP. Usage::
 
     python bench/nbdbench.py [--rounds 3] [--quick] [--only seqread_fio,randread16]
 
