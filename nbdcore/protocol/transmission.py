@@ -52,6 +52,7 @@ _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 _unpack_request = wire.REQUEST.unpack_from
 _pack_data_chunk = wire.DATA_CHUNK.pack
 _pack_simple_reply = wire.SIMPLE_REPLY.pack
+_pack_one_status = wire.ONE_STATUS.pack
 _REQUEST_MAGIC = wire.REQUEST_MAGIC
 _STRUCTURED_MAGIC = wire.STRUCTURED_REPLY_MAGIC
 _SIMPLE_MAGIC = wire.SIMPLE_REPLY_MAGIC
@@ -90,6 +91,31 @@ class Extent(NamedTuple):
     @property
     def is_hole(self) -> bool:
         return bool(self.flags & 1)
+
+
+def _status_runs(offset: int, length: int, req_one: bool,
+                 extents: Iterable[Extent]) -> list[tuple[int, int]]:
+    """(length, flags) of the descriptors answering a BLOCK_STATUS of ``offset``,
+    ``length``: consecutive extents from ``offset`` on, clipped to the request, equal
+    neighbours merged, at most MAX_EXTENTS (one with ``req_one``). A lookup that said
+    nothing usable gives one "data" descriptor, which is always a safe answer."""
+    end = offset + length
+    runs: list[tuple[int, int]] = []
+    expected = offset
+    for extent in extents:
+        if extent.offset != expected or extent.length <= 0 or expected >= end:
+            break
+        run = min(extent.length, end - expected)
+        if req_one:
+            return [(run, extent.flags)]
+        if runs and runs[-1][1] == extent.flags:
+            runs[-1] = (runs[-1][0] + run, extent.flags)
+        else:
+            if len(runs) >= MAX_EXTENTS:
+                break
+            runs.append((run, extent.flags))
+        expected += run
+    return runs or [(length, 0)]
 
 
 def command_name(cmd: int) -> str:
@@ -184,6 +210,22 @@ class Transmission:
                 or (cmd == _WRITE and (length >= write_limit or self.read_only))):
             return None
         return cmd, cookie, offset, length
+
+    def plain_status_request(
+        self, buf: bytes | bytearray | memoryview, pos: int
+    ) -> tuple[int, int, int, bool] | None:
+        """(cookie, offset, length, req_one) if the request at ``pos`` is a BLOCK_STATUS
+        without flags but REQ_ONE, of 1 byte or more inside the export, on a connection
+        with a metadata context and compact headers: valid as it stands, like the requests
+        of ``plain_request``. These are what qemu-img sends, one extent at a time, twice
+        over an image it converts. None for any other request."""
+        if not self.contexts or self.extended:
+            return None
+        magic, flags, cmd, cookie, offset, length = _unpack_request(buf, pos)
+        if (cmd != _BLOCK_STATUS or flags & ~_REQ_ONE or magic != _REQUEST_MAGIC
+                or not length or offset + length > self.size):
+            return None
+        return cookie, offset, length, flags == _REQ_ONE
 
     def whole_read_header(self, cookie: int, offset: int, length: int) -> bytes:
         """The header of a reply to a plain READ that carries all of its ``length``
@@ -329,32 +371,25 @@ class Transmission:
 
     def block_status_reply(self, req: wire.Request, extents: Iterable[Extent]) -> bytes:
         """One status chunk (with DONE) for base:allocation, trimmed to the rules of §6."""
-        end = req.offset + req.length
-        req_one = bool(req.flags & _REQ_ONE)  # plain ints: IntFlag arithmetic is slow
-        runs: list[tuple[int, int]] = []
-        expected = req.offset
-        for extent in extents:
-            if extent.offset != expected or extent.length <= 0 or expected >= end:
-                break
-            length = min(extent.length, end - expected)
-            if runs and runs[-1][1] == extent.flags:
-                runs[-1] = (runs[-1][0] + length, extent.flags)
-            else:
-                if len(runs) >= MAX_EXTENTS:
-                    break
-                runs.append((length, extent.flags))
-            expected += length
-            if req_one:
-                break
-        if req_one:
-            runs = runs[:1]
-        if not runs:  # a lookup that said nothing: "data" is always a safe answer
-            runs = [(req.length, 0)]
+        runs = _status_runs(req.offset, req.length, bool(req.flags & _REQ_ONE), extents)
+        if not self.extended:
+            return self._compact_status_reply(req.cookie, runs)
+        body = wire.U32.pack(next(iter(self.contexts))) + wire.U32.pack(len(runs))
+        body += b"".join(wire.EXTENT_EXT.pack(length, flags) for length, flags in runs)
+        return self._chunk(req, _BLOCK_STATUS_EXT_REPLY, len(body), True) + body
+
+    def plain_status_reply(self, cookie: int, offset: int, length: int, req_one: bool,
+                           extents: Iterable[Extent]) -> bytes:
+        """``block_status_reply`` for a request ``plain_status_request`` took."""
+        return self._compact_status_reply(cookie, _status_runs(offset, length, req_one, extents))
+
+    def _compact_status_reply(self, cookie: int, runs: list[tuple[int, int]]) -> bytes:
         context_id = next(iter(self.contexts))
-        if self.extended:
-            body = wire.U32.pack(context_id) + wire.U32.pack(len(runs))
-            body += b"".join(wire.EXTENT_EXT.pack(length, flags) for length, flags in runs)
-            return self._chunk(req, _BLOCK_STATUS_EXT_REPLY, len(body), True) + body
+        if len(runs) == 1:
+            length, flags = runs[0]
+            return _pack_one_status(_STRUCTURED_MAGIC, 1, _BLOCK_STATUS_REPLY, cookie, 12,
+                                    context_id, min(length, U32_MAX), flags)
         body = wire.U32.pack(context_id)
         body += b"".join(wire.EXTENT.pack(min(length, U32_MAX), flags) for length, flags in runs)
-        return self._chunk(req, _BLOCK_STATUS_REPLY, len(body), True) + body
+        return wire.CHUNK.pack(_STRUCTURED_MAGIC, 1, _BLOCK_STATUS_REPLY, cookie,
+                               len(body)) + body

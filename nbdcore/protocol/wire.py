@@ -44,6 +44,8 @@ U64 = struct.Struct(">Q")
 HOLE = struct.Struct(">QI")
 ERROR_HEAD = struct.Struct(">IH")
 EXTENT = struct.Struct(">II")
+# CHUNK, context id and one EXTENT: a whole BLOCK_STATUS reply of one descriptor.
+ONE_STATUS = struct.Struct(">IHHQIIII")
 EXTENT_EXT = struct.Struct(">QQ")
 
 REQUEST_SIZE = REQUEST.size  # 28

@@ -429,4 +429,6 @@ def test_extent_lookup_failure_is_reported_as_data(serve_faults):
         assert reply.ok, reply.chunks
         (chunk,) = reply.chunks
         assert chunk.extents == [(1024 * 1024, 0)]
+        one = client.block_status(4096, 1024 * 1024, flags=CmdFlag.REQ_ONE)  # qemu's form
+        assert one.chunks[0].extents == [(1024 * 1024, 0)]
         assert_good_read(client, 4096, 1024 * 1024)

@@ -7,6 +7,9 @@ spliced), skip the general path and must answer exactly as it would.
 Anything the short path is not sure of (a hole, a range never looked up, a page not in
 the page cache, a punched range, a request with flags, a payload still on its way, a
 failing write) goes the general way.
+
+A BLOCK_STATUS without flags but REQ_ONE, inside the export, takes a short path too: its
+reply must be the general path's, byte for byte.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from nbdclient import NbdClient, ServerClosed, pattern
 from nbdcore.backends import Fault, FaultInjection, SparseFile
 from nbdcore.exports import Export, ExportRegistry
 from nbdcore.protocol.constants import Cmd, CmdFlag, NbdErrno, ReplyType
+from nbdcore.protocol.transmission import Extent
 from nbdcore.stats import ConnectionStats
 
 MiB = 1 << 20
@@ -43,6 +47,7 @@ class CountingFile(SparseFile):
         self.served_large = 0  # reads of 64 KiB or more, sent from the mapping
         self.written = 0
         self.written_large = 0  # payload pieces of large WRITEs on the short path
+        self.looked_up = 0  # extent lookups of BLOCK_STATUS on the short path
 
     def read_resident(self, offset: int, length: int) -> bytearray | None:
         if self.refuse:  # as if no page were in the page cache
@@ -78,6 +83,11 @@ class CountingFile(SparseFile):
         caller, callers_caller = sys._getframe(3), sys._getframe(4)
         if "_plain_large_write" in (caller.f_code.co_name, callers_caller.f_code.co_name):
             self.written_large += 1
+
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[Extent]:
+        if sys._getframe(1).f_code.co_name == "_plain_status":
+            self.looked_up += 1
+        return super().extents(offset, length, limit)
 
     def _count(self, data: bytes | bytearray | None) -> bytes | bytearray | None:
         if data is not None and sys._getframe(2).f_code.co_name == "_plain":
@@ -455,3 +465,61 @@ def test_writes_to_a_read_only_export_are_refused(inprocess_server, disk):
         assert client.write(0, b"z" * 512).error == NbdErrno.EPERM
         assert client.write(0, b"z" * (256 * 1024)).error == NbdErrno.EPERM
         assert client.read(0, 512).data() == pattern(0, 512)
+
+
+# ------------------------------------------------------------------ block status
+
+DATA, HOLE = 0, 3  # base:allocation flags of data and of a hole that reads as zeroes
+
+
+@pytest.mark.parametrize("flags", [0, CmdFlag.REQ_ONE], ids=["all", "req-one"])
+def test_block_status_takes_the_short_path_and_counts(inprocess_server, disk, flags):
+    backend = CountingFile(disk)
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    expected = [[(HOLE_AT - 4096, DATA), (SIZE - HOLE_AT, HOLE)], [(MiB, HOLE)]]
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk")
+        asked = [(4096, SIZE - 4096), (HOLE_AT, MiB)]
+        for (offset, length), want in zip(asked, expected, strict=True):
+            reply = client.block_status(offset, length, flags=flags)
+            (chunk,) = reply.chunks
+            assert chunk.done
+            assert chunk.extents == (want[:1] if flags else want)
+        (info,) = server.connections()
+        assert backend.looked_up == 2
+        assert info.stats.ops[Cmd.BLOCK_STATUS] == 2
+        assert wait_until(lambda: sum(info.stats.latency) == 2)
+
+
+def test_pipelined_block_status_and_reads_keep_their_order(warm):
+    backend, client = warm
+    cookies = []
+    for i in range(40):
+        offset = (i * 65536) % SIZE
+        if i % 2:
+            cookies.append((client.send(Cmd.BLOCK_STATUS, offset, SIZE - offset,
+                                        flags=CmdFlag.REQ_ONE), offset))
+        else:
+            cookies.append((client.send(Cmd.READ, offset, 4096), offset))
+    for cookie, offset in cookies:
+        reply = client.wait(cookie)
+        assert reply.ok
+        if reply.chunks[0].type == ReplyType.BLOCK_STATUS:
+            assert reply.chunks[0].extents == (
+                [(HOLE_AT - offset, DATA)] if offset < HOLE_AT else [(SIZE - offset, HOLE)])
+        else:
+            expected = pattern(offset, 4096) if offset < HOLE_AT else bytes(4096)
+            assert reply.data() == expected
+    assert backend.looked_up == 20
+
+
+def test_block_status_with_other_flags_or_past_the_end_gets_the_general_answers(warm):
+    backend, client = warm
+    assert client.block_status(SIZE - 2048, 4096).error == NbdErrno.EINVAL
+    assert client.block_status(0, 0).error == NbdErrno.EINVAL
+    assert client.block_status(0, 4096, flags=0x4000).error == NbdErrno.EINVAL
+    fua = client.block_status(0, 4096, flags=CmdFlag.FUA)  # valid, but not for the short path
+    assert fua.chunks[0].extents == [(4096, DATA)]
+    assert backend.looked_up == 0
+    assert client.block_status(0, 4096).chunks[0].extents == [(4096, DATA)]  # still in step
+    assert backend.looked_up == 1

@@ -850,3 +850,39 @@ def test_plain_write_reply_equals_the_general_reply_ok(structured: bool) -> None
 def test_whole_read_header_structured_bytes() -> None:
     assert make_tx(structured=True).whole_read_header(4, 4096, 4096) == bytes.fromhex(
         "668e33ef 0001 0001 0000000000000004 00001008 0000000000001000")
+
+
+def test_plain_status_request_takes_qemu_imgs_one_extent_lookup() -> None:
+    header = _header(cmd=Cmd.BLOCK_STATUS, offset=4096, length=SIZE - 4096,
+                     flags=CmdFlag.REQ_ONE, cookie=3)
+    assert BS_TX.plain_status_request(b"\xff" + header, 1) == (3, 4096, SIZE - 4096, True)
+    assert BS_TX.plain_status_request(_header(cmd=Cmd.BLOCK_STATUS, offset=0, length=SIZE),
+                                      0) == (9, 0, SIZE, False)
+
+
+@pytest.mark.parametrize(
+    ("tx", "header"),
+    [
+        (make_tx(structured=True), _header(cmd=Cmd.BLOCK_STATUS)),  # no context negotiated
+        (BS_TX, _header(cmd=Cmd.BLOCK_STATUS, length=0)),
+        (BS_TX, _header(cmd=Cmd.BLOCK_STATUS, offset=SIZE - 4095)),  # one byte past the end
+        (BS_TX, _header(cmd=Cmd.BLOCK_STATUS, offset=U64_MAX - 100)),
+        (BS_TX, _header(cmd=Cmd.BLOCK_STATUS, flags=CmdFlag.FUA)),  # the general path: EINVAL
+        (BS_TX, _header(cmd=Cmd.BLOCK_STATUS, magic=0x12345678)),
+        (BS_TX, _header(cmd=Cmd.READ)),
+        (BS_TX, _header(cmd=Cmd.TRIM)),
+        (make_tx(extended=True, contexts=True),
+         struct.pack(">IHHQQQ", 0x21E41C71, 0, Cmd.BLOCK_STATUS, 9, 0, 4096)),
+    ],
+    ids=["no-context", "empty", "past-end", "huge-offset", "fua", "bad-magic", "read", "trim",
+         "extended"],
+)
+def test_plain_status_request_leaves_everything_else_to_the_general_path(
+        tx: Transmission, header: bytes) -> None:
+    assert tx.plain_status_request(header, 0) is None
+
+
+def test_plain_status_reply_of_one_descriptor_exact_bytes() -> None:
+    reply = BS_TX.plain_status_reply(6, 4096, 65536, True, [Extent(4096, 1 << 30, 3)])
+    assert reply == bytes.fromhex(
+        "668e33ef 0001 0005 0000000000000006 0000000c 00000001 00010000 00000003")
