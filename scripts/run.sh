@@ -59,7 +59,11 @@ pids=()
 
 stopping=0
 stop_all() {
-    trap - INT TERM EXIT
+    # A second signal must not cut the stop short: `kill -TERM -- -PGID` reaches this
+    # shell twice (make passes SIGTERM on to it), and the default action would leave
+    # the components running without us.
+    trap '' INT TERM
+    trap - EXIT
     stopping=1
     echo "stopping..." >&2
     # Newest first, each drained before the next: the web, beat, the engine worker (which

@@ -185,3 +185,51 @@ def test_killed_engine_is_restarted_and_serves_again(stack: Stack) -> None:
                       timeout=30)
     assert wait_until(lambda: served(stack, "demo"), timeout=15)
     assert "exited with" in stack.log("worker")
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # gone meanwhile
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_repeated_stop_signal_still_stops_every_component(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``kill -TERM -- -PGID`` on ``make run`` reaches run.sh twice (make passes SIGTERM
+    on to its child): the second signal must not cut the stop short and leave Redis, the
+    engine worker, beat and the web running without anyone to stop them."""
+    require("redis-server")
+    var_dir = tmp_path_factory.mktemp("stopped-twice")
+    running = start_stack(var_dir)
+    components = _descendants(running.proc.pid)  # the engine process and web workers too
+    try:
+        assert len(components) >= 5, components  # Redis, engine worker, engine, beat, web
+        os.killpg(running.proc.pid, signal.SIGTERM)
+        time.sleep(0.3)  # make's own SIGTERM arrives while the stop is under way
+        os.killpg(running.proc.pid, signal.SIGTERM)
+        running.proc.wait(120)
+        assert wait_until(lambda: not any(map(_running, components)), timeout=30), [
+            pid for pid in components if _running(pid)]
+        assert "stopped" in (var_dir / "run-command.log").read_text()
+    finally:
+        for pid in filter(_running, components):
+            os.kill(pid, signal.SIGKILL)
