@@ -541,7 +541,7 @@ class _Connection:
         read_resident = self._resident_reader()
         self._resident_view = self._resident_viewer()
         plain_request = tx.plain_request
-        plain_status = tx.plain_status_request if tx.contexts and not tx.extended else None
+        plain_status = tx.plain_status_request
         write_limit = tx.max_payload + 1  # every WRITE plain_request finds valid
         t0 = time.perf_counter_ns()
         try:
@@ -557,7 +557,7 @@ class _Connection:
                         if taken:
                             start += taken
                             continue
-                    elif plain_status is not None:
+                    else:
                         status = plain_status(buf, start)
                         if status is not None and self._plain_status(status, t0):
                             start += header_size
@@ -712,9 +712,7 @@ class _Connection:
             return False
         reply = self.tx.plain_status_reply(  # type: ignore[union-attr]
             cookie, offset, length, req_one, extents)
-        self._out.append(reply)
-        self._out_bytes += len(reply)
-        self._timed.append(t0)
+        self._queue(reply, t0)
         self.stats.ops[_BLOCK_STATUS] += 1
         if self._out_bytes >= MAX_QUEUED_OUT:
             self._flush()
