@@ -542,12 +542,11 @@ class _Connection:
         self._resident_view = self._resident_viewer()
         plain_request = tx.plain_request
         plain_status = tx.plain_status_request
-        write_limit = tx.max_payload + 1  # every WRITE plain_request finds valid
         t0 = time.perf_counter_ns()
         try:
             while True:
                 while end - start >= header_size:
-                    plain = plain_request(buf, start, write_limit)
+                    plain = plain_request(buf, start)
                     if plain is not None:
                         if plain[3] >= LARGE_WRITE and plain[0] == _WRITE:
                             start, end = self._plain_large_write(

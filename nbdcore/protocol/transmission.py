@@ -194,20 +194,21 @@ class Transmission:
         return wire.decode_request(buf, pos)
 
     def plain_request(
-        self, buf: bytes | bytearray | memoryview, pos: int, write_limit: int
+        self, buf: bytes | bytearray | memoryview, pos: int
     ) -> tuple[int, int, int, int] | None:
         """(cmd, cookie, offset, length) if the request at ``pos`` is a READ, or a WRITE
-        of 1 to ``write_limit`` - 1 bytes to a writable export, without flags, inside the
-        export and no longer than the maximum payload: valid as it stands, so it needs
-        neither ``decode`` nor ``validate``. None for any other request (or header form),
-        which then goes the general way and earns its precise error there."""
+        to a writable export, of 1 byte up to the maximum payload, without flags, inside
+        the export: valid as it stands, so it needs neither ``decode`` nor ``validate``.
+        None for any other request (or header form), which then goes the general way and
+        earns its precise error there. Which of these the server answers on its short
+        path (a WRITE whose payload has not all arrived, say) is the server's choice."""
         if self.extended:
             return None
         magic, flags, cmd, cookie, offset, length = _unpack_request(buf, pos)
         # cmd > _WRITE: anything but READ (0) and WRITE (1).
         if (cmd > _WRITE or flags or magic != _REQUEST_MAGIC or not length
                 or length > self.max_payload or offset + length > self.size
-                or (cmd == _WRITE and (length >= write_limit or self.read_only))):
+                or (cmd == _WRITE and self.read_only)):
             return None
         return cmd, cookie, offset, length
 
