@@ -276,11 +276,16 @@ def fio_jobs(uri: str, *args: str, runtime: int, pin: bool = False,
     return json.loads(out.stdout[out.stdout.index("{"):])["jobs"]
 
 
+# Runs a sample of the sparse rows. Those copies take 30-90 ms, and one server's runs
+# spread widely within a round (qemu-img's convert: 51-87 ms on 2026-12-07): with 9 runs
+# a sample, three runs of the benchmark within half an hour put the same code's convert at
+# 0.96x, 0.98x and 1.11x nbdkit. 21 runs add about a minute to the whole benchmark.
+SPARSE_RUNS = 21
+
 # Where qemu-img convert writes its copy: memory, not the images' file system. On ext4
 # mounted with online discard (this machine's root), each run freeing the previous copy's
 # 64 MiB made every other cycle about 70 ms slower (of 90), whoever ran first in it; the
 # rotating order then handed most of the slow runs to the same server.
-SPARSE_RUNS = 21
 SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 CURRENT_SERVER: list[Server] = []  # the server the workload's run is talking to
@@ -407,10 +412,6 @@ def make_workloads(tmp: Path, runtime: int) -> list[Workload]:
                  randread1_p50, higher_is_better=False, pin=True, runs=3),
         Workload("randwrite16", "4K rand write, iodepth 16", "IOPS", "full", randwrite16,
                  runs=3),
-        # The sparse copies take 30-90 ms, and one server's runs spread widely within a
-        # round (qemu-img's convert: 51-87 ms on 2026-12-07): with 9 runs a sample, three
-        # back-to-back benchmarks of the same code put the convert at 0.96x, 0.98x and
-        # 1.11x nbdkit. 21 runs add about a minute to the whole benchmark.
         Workload("sparse_nbdcopy", "sparse 8 GiB (64 MiB data), nbdcopy -> null:", "s",
                  "sparse", sparse_nbdcopy, higher_is_better=False, runs=SPARSE_RUNS),
         Workload("sparse_convert", "sparse 8 GiB, qemu-img convert -> raw", "s", "sparse",
