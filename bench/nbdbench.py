@@ -201,6 +201,7 @@ SERVERS = [
     Server("nbdcore-w2", nbdcore_argv("--workers", "2"),
            tls_argv=nbdcore_tls_argv("--workers", "2")),
     Server("nbdcore-nosplice", nbdcore_argv("--no-splice")),
+    Server("nbdcore-map", nbdcore_argv("--sendfile", "never")),
     Server("appliance", APPLIANCE_ENGINE.argv, prepare=APPLIANCE_ENGINE.prepare,
            ready=APPLIANCE_ENGINE.ready),
     Server("nbdkit", nbdkit_argv, tls_argv=nbdkit_tls_argv),
@@ -630,7 +631,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated workload names")
     parser.add_argument("--servers", default="nbdcore,appliance,nbdkit,qemu-nbd",
                         help="any of nbdcore, nbdcore-w2 (--workers 2), nbdcore-nosplice "
-                             "(--no-splice), appliance (the "
+                             "(--no-splice), nbdcore-map (--sendfile never), appliance (the "
                              "engine under the appliance's runner, metrics on), nbdkit, "
                              "qemu-nbd")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.md"))

@@ -56,7 +56,7 @@ _IMAGE_OPTIONS = {
 _VALUE_OPTIONS = {
     "--bind", "-b", "--port", "-p", "--handshake-timeout", "--max-connections", "--workers", "-w",
     "--tls", "--tls-certificates", "--tls-cert", "--tls-key", "--tls-ca", "--tls-crl",
-    "--tls-psk-file", "--max-option-length", "--spin-us",
+    "--tls-psk-file", "--max-option-length", "--spin-us", "--sendfile",
 }
 
 
@@ -110,9 +110,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--workers", "-w", type=int, default=1, metavar="N",
                        help="serve from N processes sharing the port (spreads many "
                             "connections over the cores)")
-    serve.add_argument("--sendfile", action="store_true",
-                       help="send large reads with sendfile (cheaper for this server, "
-                            "dearer for a receiver on the same machine)")
+    serve.add_argument("--sendfile", choices=("alone", "always", "never"), default="alone",
+                       help="when large reads go out with sendfile instead of from the "
+                            "file's mapping: while a connection is the server's only one "
+                            "(the default), always, or never")
     serve.add_argument("--no-splice", action="store_true",
                        help="copy large WRITE payloads through a buffer instead of "
                             "splicing them from the socket into the file (to measure it)")
@@ -257,7 +258,9 @@ def _serve(args: argparse.Namespace, port: int, stop: threading.Event, *,
         ))
     server = NbdServer(registry, host=args.bind, port=port,
                        handshake_timeout_s=args.handshake_timeout,
-                       max_connections=args.max_connections, use_sendfile=args.sendfile,
+                       max_connections=args.max_connections,
+                       use_sendfile=args.sendfile == "always",
+                       sendfile_alone=args.sendfile == "alone",
                        use_splice=not args.no_splice, spin_us=args.spin_us,
                        reuse_port=several, tls_context=args.tls_context,
                        tls_mode=args.tls if args.tls_context is not None else "off",

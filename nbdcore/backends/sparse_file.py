@@ -195,14 +195,17 @@ class SparseFile:
             return None
         return data if got == length else None
 
-    def resident_view(self, offset: int, length: int) -> memoryview | None:
-        """A range inside a run known to hold data, as a view of the file's mapping
-        (see ``mapped_view``), if every page of it is in the page cache; else None, and
-        the caller takes its general path (holes, cold data, errors where they are).
+    def resident(self, offset: int, length: int) -> bool:
+        """Whether a range lies inside a run known to hold data and every page of it is
+        in the page cache: then sending it cannot fail (short of the file being cut
+        under us), so a reply may carry DONE with its data."""
+        return self.known_data(offset, length) and bool(self.cached(offset, length))
 
-        The large-read counterpart of ``read_resident``: the reply can carry DONE with
-        its data, because sending pages already in memory cannot fail."""
-        if not self.known_data(offset, length) or not self.cached(offset, length):
+    def resident_view(self, offset: int, length: int) -> memoryview | None:
+        """A ``resident`` range as a view of the file's mapping (see ``mapped_view``);
+        else None, and the caller takes its general path (holes, cold data, errors where
+        they are). The large-read counterpart of ``read_resident``."""
+        if not self.resident(offset, length):
             return None
         return self.mapped_view(offset, length)
 

@@ -1,10 +1,11 @@
 """Every way a READ of a file can be answered, healthy and with the file cut short.
 
 Reads take different paths by size (small: one pread; 64 KiB+: a view of the file's
-mapping for structured replies, else the connection's buffer; 512 KiB..1 MiB unmapped:
-read in the pool; larger: streamed in pieces), by backend option (``map_reads``) and by
-server option (``use_sendfile``), each with simple and structured replies. Data must
-always be the file's, and a missing tail must never come back as a successful read.
+mapping for structured replies, or sendfile while the connection is the server's only
+one, else the connection's buffer; 512 KiB..1 MiB unmapped: read in the pool; larger:
+streamed in pieces), by backend option (``map_reads``) and by server option
+(``use_sendfile``, ``sendfile_alone``), each with simple and structured replies. Data
+must always be the file's, and a missing tail must never come back as a successful read.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ CUT_AT = 5 * MiB + 1000  # where the file ends after truncation
 LENGTHS = [4096, 256 * 1024, 768 * 1024, MiB, 3 * MiB]
 
 
-@pytest.fixture(params=["mapped", "buffered", "sendfile"])
+@pytest.fixture(params=["mapped", "buffered", "sendfile", "alone"])
 def file_server(request, inprocess_server, tmp_path):
+    """``alone``: the default server, whose lone connection sends resident large reads
+    with sendfile; ``mapped`` sends them from the mapping whatever the connections."""
     path = tmp_path / "disk.raw"
     path.write_bytes(pattern(0, SIZE))
-    backend = SparseFile(path, map_reads=request.param == "mapped")
+    backend = SparseFile(path, map_reads=request.param in ("mapped", "alone"))
     server = inprocess_server(ExportRegistry([Export("disk", backend)]),
-                              use_sendfile=request.param == "sendfile")
+                              use_sendfile=request.param == "sendfile",
+                              sendfile_alone=request.param == "alone")
     return path, int(server.port)
 
 
@@ -147,7 +151,7 @@ def test_mapped_reads_release_their_pages(tmp_path, inprocess_server, monkeypatc
     size = 64 * MiB
     path.write_bytes(pattern(0, size))
     backend = SparseFile(path)
-    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]), sendfile_alone=False)
     with NbdClient.connect(int(server.port)) as client:
         client.handshake("disk", structured=True)
         for offset in range(0, size, MiB):
@@ -165,13 +169,69 @@ def test_a_working_set_within_the_bound_stays_mapped(tmp_path, inprocess_server,
     monkeypatch.setattr(sparse_file, "MAP_RESIDENT_BYTES", 16 * MiB)
     path = tmp_path / "hot.raw"
     path.write_bytes(pattern(0, 12 * MiB))
-    server = inprocess_server(ExportRegistry([Export("disk", SparseFile(path))]))
+    server = inprocess_server(ExportRegistry([Export("disk", SparseFile(path))]),
+                              sendfile_alone=False)
     with NbdClient.connect(int(server.port)) as client:
         client.handshake("disk", structured=True)
         for _ in range(3):
             for offset in range(0, 12 * MiB, MiB):
                 assert client.read(offset, MiB).data() == pattern(offset, MiB)
     assert _resident_kib(path) * 1024 >= 12 * MiB - MiB
+
+
+def test_a_lone_connection_sends_large_reads_with_sendfile(tmp_path, inprocess_server,
+                                                            monkeypatch):
+    """While a connection is the server's only one, a large read of resident data goes
+    out with sendfile as one DONE chunk; once a second client connects, the same read
+    comes from the file's mapping. The data is the file's either way."""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(pattern(0, SIZE))
+    server = inprocess_server(ExportRegistry([Export("disk", SparseFile(path))]))
+    sent_with_sendfile: list[int] = []
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd, in_fd, offset, count):
+        sent_with_sendfile.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk", structured=True)
+        assert client.read(0, MiB).data() == pattern(0, MiB)  # learns the data run
+        sent_with_sendfile.clear()
+        reply = client.read(MiB, MiB)
+        assert reply.data() == pattern(MiB, MiB)
+        assert sum(sent_with_sendfile) == MiB
+        (chunk,) = reply.chunks
+        assert chunk.type == ReplyType.OFFSET_DATA
+        assert chunk.flags & 1  # DONE
+        with NbdClient.connect(int(server.port)) as other:
+            other.handshake("disk", structured=True)
+            sent_with_sendfile.clear()
+            assert client.read(2 * MiB, MiB).data() == pattern(2 * MiB, MiB)
+            assert other.read(3 * MiB, MiB).data() == pattern(3 * MiB, MiB)
+            assert sent_with_sendfile == []
+
+
+def test_file_cut_after_the_residency_test_ends_a_lone_read(tmp_path, inprocess_server,
+                                                            monkeypatch):
+    """The file is cut between the residency test and sendfile (made certain here by a
+    test that always says resident): the chunk header already said DONE, so the engine
+    ends the connection rather than let the read pass as a success."""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(pattern(0, SIZE))
+    backend = SparseFile(path)
+    monkeypatch.setattr(backend, "resident", lambda offset, length: True)
+    monkeypatch.setattr(backend, "known_data", lambda offset, length: True)
+    server = inprocess_server(ExportRegistry([Export("disk", backend)]))
+    os.truncate(path, CUT_AT)
+    with NbdClient.connect(int(server.port)) as client:
+        client.handshake("disk", structured=True)
+        with pytest.raises((ServerClosed, ConnectionError)):
+            client.read(CUT_AT - MiB // 2, MiB)
+    with NbdClient.connect(int(server.port)) as client:  # the engine goes on serving
+        client.handshake("disk", structured=True)
+        assert client.read(0, 4096).data() == pattern(0, 4096)
 
 
 def _resident_kib(path) -> int:

@@ -214,7 +214,7 @@ def test_nbdinfo_list_over_tls_and_in_clear_text(serve, pki: TestPki, tmp_path: 
 
 
 @pytest.mark.usefixtures("_libnbd_tools")
-@pytest.mark.parametrize("data_path", [[], ["--sendfile"]], ids=["default", "sendfile"])
+@pytest.mark.parametrize("data_path", [[], ["--sendfile", "always"]], ids=["default", "sendfile"])
 def test_nbdcopy_from_and_to_a_tls_export(serve, pki: TestPki, image: Path, tmp_path: Path,
                                           data_path: list[str]) -> None:
     """With --sendfile too: sendfile cannot go through TLS, the server must not use it."""
