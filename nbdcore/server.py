@@ -681,7 +681,8 @@ class _Connection:
                     data = read_resident(offset, length)
                 except OSError:
                     return 0
-            else:  # nbdcopy's or a VM's sequential reads: sent from the file's mapping
+            else:  # nbdcopy's, fio's or a VM's sequential reads: with sendfile on a lone
+                # connection, else sent from the file's mapping
                 if self._sendfile_alone and len(self.server._connections) == 1:
                     return self._plain_sendfile(cookie, offset, length, t0)
                 resident_view = self._resident_view
